@@ -1,0 +1,233 @@
+"""The `kdq` command line: thin shells over kdq.recipes (and later kdq.quant / kdq.export)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from kdq import recipes
+from kdq.config import PRESETS, Preset, get_preset
+from kdq.errors import KdqError
+from kdq.models import TEACHERS
+from kdq.train import CHECKPOINT, override
+
+
+class KdqGroup(click.Group):
+    """Turns every KdqError (and bad values) into `Error: <one line>` and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (KdqError, ValueError) as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else e.__class__.__name__) from e
+
+
+def run_options(f):
+    """Options shared by every stage that trains or reads data."""
+    decorators = [
+        click.option(
+            "--preset",
+            type=click.Choice(sorted(PRESETS)),
+            default="demo",
+            show_default=True,
+            help="Recipe: data, architectures, epochs, learning rates, KD weights.",
+        ),
+        click.option(
+            "--run-dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Run directory holding every stage's outputs  [default: runs/PRESET]",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(path_type=Path),
+            default=Path("data"),
+            show_default=True,
+            envvar="KDQ_DATA_DIR",
+            help="Dataset root (CIFAR-10 parent folder, or an image folder).",
+        ),
+        click.option("--download", is_flag=True, help="Download the dataset (CIFAR-10) if missing, md5-verified."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--resume", is_flag=True, help="Continue from the stage's checkpoint if there is one."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint instead of failing."),
+        click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (mostly useful on GPUs)."),
+        click.option("--seed", type=int, default=None, help="Random seed  [default: the preset's]"),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+
+    @functools.wraps(f)
+    def wrapper(preset, run_dir, data_dir, download, device, resume, overwrite, compile_, seed, **kwargs):
+        p = recipes.with_overrides(get_preset(preset), seed=seed)
+        opts = recipes.RunOptions(data_dir, download, device, resume, overwrite, compile_)
+        return f(p, Path(run_dir or Path("runs") / p.name), opts, **kwargs)
+
+    return wrapper
+
+
+def optim_options(f):
+    for d in reversed(
+        [
+            click.option("--epochs", type=int, default=None, help="Epochs  [default: the preset's]"),
+            click.option("--lr", type=float, default=None, help="Peak learning rate  [default: the preset's]"),
+            click.option("--batch-size", type=int, default=None, help="Global batch size  [default: the preset's]"),
+        ]
+    ):
+        f = d(f)
+    return f
+
+
+@click.group(cls=KdqGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="kdq")
+def main() -> None:
+    """kdq: distill a big image classifier into a small, fast, verified int8 model.
+
+    \b
+    Quick start (offline, CPU, a few minutes):
+      kdq pipeline --preset demo
+    Step by step:
+      kdq teacher --preset cifar10 --download
+      kdq soft-targets --preset cifar10
+      kdq baseline --preset cifar10
+      kdq distill --preset cifar10
+      kdq evaluate runs/cifar10/*/checkpoint.pt
+    """
+
+
+@main.command()
+@run_options
+@optim_options
+@click.option("--arch", type=click.Choice(TEACHERS), default=None, help="Teacher  [default: the preset's]")
+@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (needs internet once).")
+def teacher(preset: Preset, run_dir: Path, opts, epochs, lr, batch_size, arch, pretrained) -> None:
+    """Train the teacher (a CIFAR-stem ResNet) -> RUN/teacher/checkpoint.pt."""
+    preset = recipes.with_overrides(
+        preset, teacher=arch, teacher_optim=override(preset.teacher_optim, epochs=epochs, lr=lr, batch_size=batch_size)
+    )
+    path = recipes.train_teacher(preset, run_dir, opts, pretrained=pretrained)
+    click.echo(path)
+
+
+@main.command("soft-targets")
+@run_options
+@click.option(
+    "--teacher",
+    "teacher_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Teacher checkpoint  [default: RUN/teacher/checkpoint.pt]",
+)
+def soft_targets(preset: Preset, run_dir: Path, opts, teacher_path) -> None:
+    """Precompute the teacher's logits on the training set -> RUN/soft_targets.pt (offline KD)."""
+    out = run_dir / recipes.SOFT_TARGETS
+    if out.exists() and not opts.overwrite:
+        raise KdqError(f"{out} exists; pass --overwrite to recompute it")
+    data = recipes.load_data(preset, opts)
+    click.echo(recipes.compute_soft_targets(teacher_path or run_dir / "teacher" / CHECKPOINT, data, out, opts.device))
+
+
+def _student_options(f):
+    for d in reversed(
+        [
+            run_options,
+            optim_options,
+            click.option("--temperature", type=float, default=None, help="KD temperature T  [default: the preset's]"),
+            click.option("--dropout", type=float, default=None, help="Student dropout  [default: the preset's]"),
+            click.option("--width", type=float, default=None, help="Student width multiplier  [default: the preset's]"),
+            click.option(
+                "--teacher",
+                "teacher_path",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="Teacher checkpoint  [default: RUN/teacher/checkpoint.pt]",
+            ),
+            click.option(
+                "--online/--offline",
+                default=False,
+                help="Online: run the teacher on every augmented batch. Offline: use RUN/soft_targets.pt "
+                "(computed first if missing).",
+            ),
+            click.option("--stage", default=None, help="Output folder name under RUN  [default: student or baseline]"),
+        ]
+    ):
+        f = d(f)
+    return f
+
+
+def _train_student(
+    preset, run_dir, opts, alpha, epochs, lr, batch_size, temperature, dropout, width, teacher_path, online, stage
+) -> None:
+    preset = recipes.with_overrides(
+        preset,
+        alpha=alpha,
+        temperature=temperature,
+        student_dropout=dropout,
+        student_width=width,
+        student_optim=override(preset.student_optim, epochs=epochs, lr=lr, batch_size=batch_size),
+    )
+    from kdq.losses import KDLoss
+
+    KDLoss(preset.alpha, preset.temperature)  # validate before any data is loaded
+    stage = stage or ("student" if preset.alpha > 0 else "baseline")
+    click.echo(recipes.train_student(preset, run_dir, opts, stage=stage, teacher_path=teacher_path, online=online))
+
+
+@main.command()
+@_student_options
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="Weight of the teacher's soft targets in [0, 1]; 0 trains the baseline  [default: the preset's]",
+)
+def distill(preset: Preset, run_dir: Path, opts, alpha, **kwargs) -> None:
+    """Distil the MobileNetV2 student from the teacher -> RUN/student/checkpoint.pt.
+
+    Loss: alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels).
+    """
+    _train_student(preset, run_dir, opts, alpha, **kwargs)
+
+
+@main.command()
+@_student_options
+def baseline(preset: Preset, run_dir: Path, opts, **kwargs) -> None:
+    """Train the same student with the same recipe but no teacher (alpha = 0) -> RUN/baseline."""
+    _train_student(preset, run_dir, opts, 0.0, **kwargs)
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=Path("data"), envvar="KDQ_DATA_DIR", help="Dataset root."
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the results JSON here  [default: evaluation_results.json beside the first checkpoint's run]",
+)
+def evaluate(checkpoints, data_dir, out) -> None:
+    """Accuracy, per-class accuracy, confusion matrix, size and CPU latency of checkpoints."""
+    out = out or Path(checkpoints[0]).parent.parent / recipes.EVALUATION_JSON
+    results = recipes.evaluate_checkpoints(list(checkpoints), recipes.RunOptions(data_dir=data_dir), out)
+    click.echo(recipes.format_table(results))
+    click.echo(f"-> {out}")
+
+
+@main.command()
+@run_options
+def pipeline(preset: Preset, run_dir: Path, opts) -> None:
+    """Run every stage: teacher -> soft targets -> baseline -> KD student -> evaluation table.
+
+    With --resume, finished stages are skipped and an interrupted one continues.
+    """
+    from kdq.pipeline import run_pipeline
+
+    run_pipeline(preset, run_dir, opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Recipes as data: one `Preset` per job family, overridable from the CLI.
+
+A preset is everything that decides a result (data, architectures, optimisation, distillation),
+so it is stored verbatim in every checkpoint and export manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Optim:
+    """One training stage's optimisation recipe (SGD + Nesterov, per-step schedule)."""
+
+    epochs: int
+    lr: float  # peak learning rate for a batch of `batch_size`
+    batch_size: int = 128  # global batch, split across DDP ranks
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "onecycle"  # "onecycle" or "cosine"
+    label_smoothing: float = 0.0
+    patience: int = 0  # early stopping: epochs without a better test accuracy; 0 = off
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Batched, on-device augmentation. A transform is applied only when its setting is non-zero."""
+
+    crop_padding: int = 4  # random translation of up to this many pixels (reflect padding)
+    flip: bool = True  # horizontal flip with p=0.5 (off for digits: a mirrored 2 is not a 2)
+    cutmix_alpha: float = 0.0
+    mixup_alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dataset: str  # "digits", "cifar10" or "folder"
+    teacher: str  # a name from kdq.models.TEACHERS
+    student: str = "mobilenet_v2"
+    student_width: float = 1.0
+    student_dropout: float = 0.1
+    teacher_optim: Optim = field(default_factory=lambda: Optim(epochs=50, lr=0.05))
+    student_optim: Optim = field(default_factory=lambda: Optim(epochs=20, lr=0.05))
+    augment: Augment = field(default_factory=Augment)
+    temperature: float = 4.0  # Hinton et al.: softened teacher distribution
+    alpha: float = 0.7  # weight of the soft (teacher) term; 0 = plain supervised baseline
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preset:
+        d = dict(d)
+        d["teacher_optim"] = Optim(**d["teacher_optim"])
+        d["student_optim"] = Optim(**d["student_optim"])
+        d["augment"] = Augment(**d["augment"])
+        return cls(**d)
+
+
+PRESETS: dict[str, Preset] = {
+    # Offline, CPU, a few minutes: scikit-learn's handwritten digits upscaled to 32x32x3.
+    "demo": Preset(
+        name="demo",
+        dataset="digits",
+        teacher="resnet18",
+        teacher_optim=Optim(epochs=4, lr=0.05, batch_size=64),
+        student_optim=Optim(epochs=8, lr=0.1, batch_size=64),
+        augment=Augment(crop_padding=2, flip=False),
+    ),
+    # The seed project's recipe: ResNet-152 teacher 50 epochs, MobileNetV2 student 20 epochs.
+    "cifar10": Preset(
+        name="cifar10",
+        dataset="cifar10",
+        teacher="resnet152",
+        teacher_optim=Optim(epochs=50, lr=0.05, patience=20),
+        student_optim=Optim(epochs=20, lr=0.05),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}") from None

@@ -1,0 +1,81 @@
+"""Teacher and student architectures for 32x32 images, built from torchvision and looked up by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.quantization.mobilenetv2 import QuantizableMobileNetV2
+
+RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "resnet152": resnet.resnet152,
+}
+TEACHERS = tuple(RESNETS)
+STUDENTS = ("mobilenet_v2",)
+
+
+def cifar_resnet(name: str, num_classes: int, pretrained: bool = False) -> resnet.ResNet:
+    """torchvision ResNet with a CIFAR stem: 3x3 stride-1 first conv and no max-pool.
+
+    With `pretrained`, ImageNet weights initialise everything but the stem and the classifier.
+    """
+    if name not in RESNETS:
+        raise ValueError(f"unknown teacher {name!r}; choose from: {', '.join(TEACHERS)}")
+    model = RESNETS[name](weights="IMAGENET1K_V1" if pretrained else None)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+class CifarMobileNetV2(QuantizableMobileNetV2):
+    """MobileNetV2 for 32x32 inputs, ready for eager-mode int8 quantization.
+
+    Why it differs from torchvision's ImageNet model:
+    - stride-1 stem: a 32x32 image keeps 16x16 maps after the first downsampling stage instead of 8x8;
+      the remaining strides stay (a stride-1 second stage is ~5x slower on CPU for little gain here);
+    - ReLU instead of ReLU6: eager fusion has no conv-bn-ReLU6 pattern, and an unfused ReLU6 breaks
+      the ONNX export of the int8 model (shared/notes/quantization.md);
+    - dequantize *before* the classifier, which stays float: an int8 classifier puts logits on a
+      coarse grid (many exact ties between runtimes).
+    Residual additions are `FloatFunctional` and every conv-bn(-relu) is fusable (torchvision's
+    `fuse_model`), inherited from `QuantizableMobileNetV2`.
+    """
+
+    def __init__(self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1):
+        super().__init__(num_classes=num_classes, width_mult=width_mult, dropout=dropout)
+        self.features[0][0].stride = (1, 1)
+        _relu6_to_relu(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.quant(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(self.dequant(x))
+
+
+def _relu6_to_relu(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU6):
+            setattr(module, name, nn.ReLU(inplace=False))
+        else:
+            _relu6_to_relu(child)
+
+
+def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build a teacher (`resnet*`) or the student (`mobilenet_v2`) by name."""
+    if arch in RESNETS:
+        return cifar_resnet(arch, num_classes, **kwargs)
+    if arch == "mobilenet_v2":
+        return CifarMobileNetV2(num_classes, **kwargs)
+    raise ValueError(f"unknown model {arch!r}; choose from: {', '.join(TEACHERS + STUDENTS)}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

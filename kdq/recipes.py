@@ -1,0 +1,206 @@
+"""The stages of a kdq run, as functions the CLI and the tests call: teacher, soft targets,
+student (distilled or baseline) and evaluation. Each reads and writes a run directory:
+
+    RUN/teacher/{checkpoint.pt,history.json}
+    RUN/soft_targets.pt
+    RUN/baseline/...   RUN/student/...
+    RUN/evaluation_results.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdq import checkpoint as ck
+from kdq.config import Preset
+from kdq.data import Dataset, Normalize, load_dataset
+from kdq.evaluate import evaluate_model, predict_logits
+from kdq.files import save_json, save_torch
+from kdq.models import build_model
+from kdq.train import CHECKPOINT, Distill, Runtime, TrainingError, fit, setup_runtime
+
+SOFT_TARGETS = "soft_targets.pt"
+EVALUATION_JSON = "evaluation_results.json"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how to run, independent of the recipe."""
+
+    data_dir: Path = Path("data")
+    download: bool = False
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    compile: bool = False
+
+
+def load_data(preset: Preset, opts: RunOptions) -> Dataset:
+    return load_dataset(preset.dataset, opts.data_dir, download=opts.download)
+
+
+def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions, pretrained: bool = False) -> Path:
+    rt = setup_runtime(opts.device)
+    data = load_data(preset, opts)
+    torch.manual_seed(preset.seed)
+    arch = {"name": preset.teacher, "num_classes": len(data.classes), "kwargs": {}}
+    model = build_model(preset.teacher, len(data.classes), pretrained=pretrained)
+    fit(
+        model,
+        arch,
+        data,
+        preset.teacher_optim,
+        preset.augment,
+        Path(run_dir) / "teacher",
+        stage="teacher",
+        preset=preset.to_dict(),
+        rt=rt,
+        seed=preset.seed,
+        resume=opts.resume,
+        overwrite=opts.overwrite,
+        compile=opts.compile,
+    )
+    return Path(run_dir) / "teacher" / CHECKPOINT
+
+
+def load_teacher(path: Path) -> tuple[torch.nn.Module, dict]:
+    if not Path(path).is_file():
+        raise ck.CheckpointError(f"teacher checkpoint {path} not found; run `kdq teacher` first or pass --teacher")
+    ckpt = ck.load_checkpoint(path)
+    return ck.model_from_checkpoint(ckpt, path), ckpt
+
+
+def compute_soft_targets(teacher_path: Path, data: Dataset, out: Path, device: str = "auto") -> Path:
+    """The teacher's logits on every (unaugmented) training image, in dataset order."""
+    teacher, ckpt = load_teacher(teacher_path)
+    _check_same_data(ckpt, data, teacher_path)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    teacher = teacher.to(dev, memory_format=torch.channels_last)
+    logits = predict_logits(teacher, data.train.images, Normalize(**ckpt[ck.NORMALIZATION], device=dev))
+    save_torch(
+        {"logits": logits, "teacher": str(teacher_path), "dataset": data.name, "normalization": ckpt[ck.NORMALIZATION]},
+        out,
+    )
+    print(f"[soft-targets] {tuple(logits.shape)} teacher logits -> {out}", file=sys.stderr)
+    return Path(out)
+
+
+def _check_same_data(ckpt: dict, data: Dataset, path: Path) -> None:
+    if ckpt[ck.CLASSES] != data.classes:
+        raise ck.CheckpointError(
+            f"{path} was trained on {len(ckpt[ck.CLASSES])} classes "
+            f"{ckpt[ck.CLASSES][:4]}..., the data has {len(data.classes)}"
+        )
+
+
+def train_student(
+    preset: Preset,
+    run_dir: Path,
+    opts: RunOptions,
+    *,
+    stage: str = "student",
+    teacher_path: Path | None = None,
+    online: bool = False,
+) -> Path:
+    """Distil the student from the teacher (alpha > 0) or train the baseline (alpha = 0)."""
+    run_dir = Path(run_dir)
+    rt = setup_runtime(opts.device)
+    data = load_data(preset, opts)
+    distill = Distill(alpha=preset.alpha, temperature=preset.temperature)
+    if preset.alpha > 0:
+        teacher_path = Path(teacher_path or run_dir / "teacher" / CHECKPOINT)
+        if online:
+            distill.teacher, tckpt = load_teacher(teacher_path)
+            _check_same_data(tckpt, data, teacher_path)
+        else:
+            distill.soft_targets = _soft_targets_for(teacher_path, data, run_dir, opts, rt)
+    torch.manual_seed(preset.seed)
+    kwargs = {"width_mult": preset.student_width, "dropout": preset.student_dropout}
+    arch = {"name": preset.student, "num_classes": len(data.classes), "kwargs": kwargs}
+    model = build_model(preset.student, len(data.classes), **kwargs)
+    fit(
+        model,
+        arch,
+        data,
+        preset.student_optim,
+        preset.augment,
+        run_dir / stage,
+        stage=stage,
+        preset=preset.to_dict(),
+        rt=rt,
+        distill=distill,
+        seed=preset.seed,
+        resume=opts.resume,
+        overwrite=opts.overwrite,
+        compile=opts.compile,
+    )
+    return run_dir / stage / CHECKPOINT
+
+
+def _soft_targets_for(teacher_path: Path, data: Dataset, run_dir: Path, opts: RunOptions, rt: Runtime) -> torch.Tensor:
+    """Reuse RUN/soft_targets.pt when it matches the data, else compute it (rank 0) first."""
+    path = run_dir / SOFT_TARGETS
+    if not path.exists():
+        if rt.is_main:
+            compute_soft_targets(teacher_path, data, path, opts.device)
+        if rt.world_size > 1:
+            torch.distributed.barrier()
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    logits = saved["logits"]
+    if saved.get("dataset") != data.name or len(logits) != len(data.train):
+        raise TrainingError(
+            f"{path} holds {len(logits)} logits for {saved.get('dataset')!r}, the training set is "
+            f"{len(data.train)} images of {data.name!r}; delete it or run `kdq soft-targets`"
+        )
+    return logits
+
+
+def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None = None, latency_runs: int = 50) -> dict:
+    """Evaluate float checkpoints on their dataset's test split; write evaluation_results.json."""
+    results = {}
+    cache: dict[str, Dataset] = {}
+    for path in paths:
+        ckpt = ck.load_checkpoint(path)
+        model = ck.model_from_checkpoint(ckpt, path)
+        preset = Preset.from_dict(ckpt[ck.PRESET])
+        data = cache.get(preset.dataset) or cache.setdefault(preset.dataset, load_data(preset, opts))
+        _check_same_data(ckpt, data, path)
+        metrics = evaluate_model(
+            model, data.test, Normalize(**ckpt[ck.NORMALIZATION]), data.classes, latency_runs=latency_runs
+        )
+        results[ckpt[ck.STAGE]] = {"checkpoint": str(path), "arch": ckpt[ck.ARCH]["name"], **metrics}
+    if out is not None:
+        save_json(results, out)
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [("model", "arch", "test acc", "params", "size MB", "CPU ms (b1)", "img/s (b64)")]
+    for stage, r in results.items():
+        rows.append(
+            (
+                stage,
+                r["arch"],
+                f"{r['top1']:.2%}",
+                f"{r['parameters'] / 1e6:.2f} M",
+                f"{r['size_bytes'] / 1e6:.2f}",
+                f"{r['latency_ms_b1']:.2f}",
+                f"{r['throughput_img_s_b64']:.0f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def with_overrides(preset: Preset, **changes) -> Preset:
+    """A copy of `preset` with the top-level fields given (None keeps the preset's value)."""
+    return dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,320 @@
+"""The one training loop: teacher, baseline and distilled student (and QAT) all run through `fit`.
+
+Data stays on the device as uint8; each step gathers a shuffled batch, augments it as a batch and
+normalizes it. Each epoch's shuffling and augmentation come from a generator seeded by (seed, epoch),
+and the global RNG (dropout, MixUp) is saved in every checkpoint, so a resumed run is bit-identical
+to an uninterrupted one. Under torchrun every rank augments the same global batch and keeps its
+slice of it: N processes see exactly the data one process would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from kdq import checkpoint as ck
+from kdq.config import Augment, Optim
+from kdq.data import Dataset, Normalize, augment, shuffled_batches
+from kdq.errors import KdqError
+from kdq.evaluate import predict_logits
+from kdq.files import save_json
+from kdq.losses import KDLoss
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY_JSON = "history.json"
+
+
+class TrainingError(KdqError):
+    """Training cannot start or cannot go on; the message says why."""
+
+
+@dataclass
+class Distill:
+    """What the KD loss needs: weights, and the teacher either live (online) or as logits (offline)."""
+
+    alpha: float = 0.7
+    temperature: float = 4.0
+    teacher: nn.Module | None = None  # online: forward on the same augmented batch, no grad
+    soft_targets: torch.Tensor | None = None  # offline: (N_train, C) teacher logits on unaugmented images
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        # A timeout turns a dead peer into an error instead of a hang.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=5))
+    return Runtime(dev, rank, world_size)
+
+
+def _all_reduce(values: list[float], rt: Runtime) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    if rt.world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _check_compatible(ckpt: dict, model: nn.Module, path: Path) -> None:
+    try:
+        model.load_state_dict(ckpt[ck.MODEL])
+    except RuntimeError as e:
+        raise TrainingError(f"{path}: cannot resume, weights do not fit this model ({str(e).splitlines()[0]})") from e
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: Optim, steps_per_epoch: int):
+    total = optim.epochs * steps_per_epoch
+    if optim.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total, pct_start=0.25)
+    if optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    raise ValueError(f"unknown schedule {optim.schedule!r}; choose from: onecycle, cosine")
+
+
+def fit(
+    model: nn.Module,
+    arch: dict,
+    data: Dataset,
+    optim: Optim,
+    aug: Augment,
+    out_dir: Path,
+    *,
+    stage: str,
+    preset: dict,
+    rt: Runtime,
+    distill: Distill | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    compile: bool = False,
+    extra: dict | None = None,
+) -> dict:
+    """Train `model` and write `out_dir/checkpoint.pt` (every epoch) and `history.json`.
+
+    Returns the final checkpoint dict. `extra` entries are stored in the checkpoint (e.g. the QAT
+    recipe). With `resume`, an existing checkpoint is continued; without it, an existing checkpoint
+    is an error unless `overwrite`.
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    if optim.epochs <= 0:
+        raise TrainingError(f"epochs must be > 0, got {optim.epochs}")
+    if optim.batch_size <= 0 or optim.batch_size > len(data.train):
+        raise TrainingError(f"batch size {optim.batch_size} must be in 1..{len(data.train)} (the training set size)")
+    if optim.batch_size % rt.world_size:
+        raise TrainingError(f"batch size {optim.batch_size} is not divisible by {rt.world_size} processes")
+    if ckpt_path.exists() and not (resume or overwrite):
+        raise TrainingError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to replace it")
+    distill = distill or Distill(alpha=0.0)
+    criterion = KDLoss(distill.alpha, distill.temperature, optim.label_smoothing)
+    if distill.alpha > 0 and distill.teacher is None and distill.soft_targets is None:
+        raise TrainingError("distillation (alpha > 0) needs a teacher or precomputed soft targets")
+    if distill.soft_targets is not None and len(distill.soft_targets) != len(data.train):
+        raise TrainingError(
+            f"soft targets cover {len(distill.soft_targets)} images, the training set has {len(data.train)}"
+        )
+    mixing = aug.cutmix_alpha > 0 or aug.mixup_alpha > 0
+    if mixing and distill.alpha > 0 and distill.teacher is None:
+        raise TrainingError("CutMix/MixUp change the images the teacher must see: use online distillation")
+
+    dev = rt.device
+    mean, std = data.normalization()
+    normalize = Normalize(mean, std, dev)
+    train_x, train_y = data.train.images.to(dev), data.train.labels.to(dev)
+    soft = distill.soft_targets.to(dev) if distill.soft_targets is not None else None
+    teacher = distill.teacher.to(dev).eval().requires_grad_(False) if distill.teacher is not None else None
+    mixer = _mixer(aug, len(data.classes)) if mixing else None
+
+    model = model.to(dev, memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for p in model.parameters():  # no weight decay on BN and bias parameters
+        (decay if p.ndim > 1 else no_decay).append(p)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.lr,
+        momentum=optim.momentum,
+        nesterov=True,
+    )
+    steps_per_epoch = len(data.train) // optim.batch_size
+    scheduler = make_scheduler(optimizer, optim, steps_per_epoch)
+
+    ckpt: dict = {
+        ck.ARCH: arch,
+        ck.STAGE: stage,
+        ck.PRESET: preset,
+        ck.CLASSES: list(data.classes),
+        ck.NORMALIZATION: {"mean": mean, "std": std},
+        ck.EPOCH: 0,
+        ck.HISTORY: [],
+        ck.DONE: False,
+        **(extra or {}),
+    }
+    if resume and ckpt_path.exists():
+        saved = ck.load_checkpoint(ckpt_path)
+        _check_compatible(saved, model, ckpt_path)
+        optimizer.load_state_dict(saved[ck.OPTIMIZER])
+        scheduler.load_state_dict(saved[ck.SCHEDULER])
+        torch.set_rng_state(saved[ck.RNG]["torch"])
+        if dev.type == "cuda" and "cuda" in saved[ck.RNG]:
+            torch.cuda.set_rng_state(saved[ck.RNG]["cuda"], dev)
+        ckpt.update({k: saved[k] for k in (ck.EPOCH, ck.HISTORY, ck.DONE)})
+        if rt.is_main:
+            print(f"[{stage}] resuming {ckpt_path} after epoch {saved[ck.EPOCH]}", file=sys.stderr)
+
+    raw_model = model
+    if rt.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    step_model = torch.compile(model) if compile else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    history: list[dict] = ckpt[ck.HISTORY]
+    best = max((h["test_acc"] for h in history), default=-1.0)
+    stale = 0 if not history else len(history) - 1 - max(range(len(history)), key=lambda i: history[i]["test_acc"])
+    for epoch in range(ckpt[ck.EPOCH], optim.epochs):
+        if ckpt[ck.DONE]:
+            break
+        model.train()
+        gen = torch.Generator(dev).manual_seed(seed * 1_000_003 + epoch)
+        t0 = time.perf_counter()
+        loss_sum = soft_sum = hard_sum = correct = seen = 0.0
+        bar = tqdm(
+            shuffled_batches(len(train_x), optim.batch_size, gen),
+            total=steps_per_epoch,
+            desc=f"{stage} {epoch + 1}/{optim.epochs}",
+            disable=None if rt.is_main else True,
+            leave=False,
+            file=sys.stderr,
+        )
+        for idx in bar:
+            x = normalize(augment(train_x[idx], aug, gen))
+            y = train_y[idx]
+            target = y
+            if mixer is not None:
+                x, target = mixer(x, y)
+            shard = slice(rt.rank, None, rt.world_size)
+            x, y, target = x[shard], y[shard], target[shard]
+            with amp:
+                logits = step_model(x)
+                with torch.no_grad():
+                    t_logits = (
+                        teacher(x)
+                        if teacher is not None and distill.alpha > 0
+                        else (soft[idx][shard] if soft is not None else None)
+                    )
+                loss, soft_part, hard_part = criterion(logits, target, t_logits)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"[{stage}] loss became {loss.item()} in epoch {epoch + 1}; "
+                    f"lower --lr (last good checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none'})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            n = len(y)
+            loss_sum += loss.item() * n
+            soft_sum += soft_part.item() * n
+            hard_sum += hard_part.item() * n
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += n
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss_sum, soft_sum, hard_sum, correct, seen = _all_reduce([loss_sum, soft_sum, hard_sum, correct, seen], rt)
+        seconds = time.perf_counter() - t0
+        test_acc = _test_accuracy(raw_model, data, normalize, rt)
+        record = {
+            "epoch": epoch + 1,
+            "lr": scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / seen,
+            "train_soft_loss": soft_sum / seen,
+            "train_hard_loss": hard_sum / seen,
+            "train_acc": correct / seen,
+            "test_acc": test_acc,
+            "epoch_seconds": seconds,
+            "images_per_second": seen / seconds,
+        }
+        history.append(record)
+        stale = 0 if test_acc > best else stale + 1
+        best = max(best, test_acc)
+        done = epoch + 1 == optim.epochs or (optim.patience > 0 and stale >= optim.patience)
+        ckpt.update(
+            {
+                ck.MODEL: raw_model.state_dict(),
+                ck.OPTIMIZER: optimizer.state_dict(),
+                ck.SCHEDULER: scheduler.state_dict(),
+                ck.EPOCH: epoch + 1,
+                ck.HISTORY: history,
+                ck.DONE: done,
+                ck.RNG: {
+                    "torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}),
+                },
+            }
+        )
+        if rt.is_main:
+            ck.save_checkpoint(ckpt, ckpt_path)
+            save_json(history, out_dir / HISTORY_JSON)
+            print(
+                f"[{stage}] epoch {epoch + 1}/{optim.epochs} loss {record['train_loss']:.4f} "
+                f"train {record['train_acc']:.2%} test {test_acc:.2%} ({seconds:.1f}s, "
+                f"{record['images_per_second']:.0f} img/s)",
+                file=sys.stderr,
+            )
+        if done and epoch + 1 < optim.epochs and rt.is_main:
+            print(f"[{stage}] early stop: no better test accuracy for {stale} epochs", file=sys.stderr)
+    if ck.MODEL not in ckpt:  # resumed a finished run
+        ckpt = ck.load_checkpoint(ckpt_path)
+    return ckpt
+
+
+def _test_accuracy(model: nn.Module, data: Dataset, normalize: Normalize, rt: Runtime) -> float:
+    """Top-1 on the test split; each rank scores its shard and the counts are summed."""
+    was_training = model.training
+    model.eval()
+    images, labels = data.test.images[rt.rank :: rt.world_size], data.test.labels[rt.rank :: rt.world_size]
+    logits = predict_logits(model, images, normalize)
+    correct, total = _all_reduce([(logits.argmax(1) == labels).sum().item(), len(labels)], rt)
+    model.train(was_training)
+    return correct / total
+
+
+def _mixer(aug: Augment, num_classes: int):
+    from torchvision.transforms import v2
+
+    choices = []
+    if aug.cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=aug.cutmix_alpha, num_classes=num_classes))
+    if aug.mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=aug.mixup_alpha, num_classes=num_classes))
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def override(optim: Optim, **changes) -> Optim:
+    """Replace the fields given (None means keep the preset's value)."""
+    return dataclasses.replace(optim, **{k: v for k, v in changes.items() if v is not None})
