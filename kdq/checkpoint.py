@@ -58,7 +58,10 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 def model_from_checkpoint(ckpt: dict[str, Any], path: Path | str = "checkpoint") -> nn.Module:
     """Rebuild the float model a checkpoint describes and load its weights (eval mode)."""
     arch = ckpt[ARCH]
-    model = build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    try:
+        model = build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot build its model {arch} ({e})") from e
     try:
         model.load_state_dict(ckpt[MODEL])
     except RuntimeError as e:

@@ -71,6 +71,16 @@ PRESETS: dict[str, Preset] = {
         student_optim=Optim(epochs=8, lr=0.1, batch_size=64),
         augment=Augment(crop_padding=2, flip=False),
     ),
+    # Seconds, not minutes: the whole pipeline once, for tests and smoke runs of launchers.
+    "smoke": Preset(
+        name="smoke",
+        dataset="digits",
+        teacher="resnet18",
+        student_width=0.35,
+        teacher_optim=Optim(epochs=1, lr=0.05, batch_size=128),
+        student_optim=Optim(epochs=1, lr=0.05, batch_size=64),
+        augment=Augment(crop_padding=2, flip=False),
+    ),
     # The seed project's recipe: ResNet-152 teacher 50 epochs, MobileNetV2 student 20 epochs.
     "cifar10": Preset(
         name="cifar10",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
-from torchvision.models.quantization.mobilenetv2 import QuantizableMobileNetV2
+from torchvision.models.quantization.mobilenetv2 import QuantizableInvertedResidual, QuantizableMobileNetV2
 
 RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
     "resnet18": resnet.resnet18,
@@ -50,7 +50,9 @@ class CifarMobileNetV2(QuantizableMobileNetV2):
     """
 
     def __init__(self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1):
-        super().__init__(num_classes=num_classes, width_mult=width_mult, dropout=dropout)
+        super().__init__(
+            num_classes=num_classes, width_mult=width_mult, dropout=dropout, block=QuantizableInvertedResidual
+        )
         self.features[0][0].stride = (1, 1)
         _relu6_to_relu(self)
 

@@ -91,11 +91,15 @@ def _check_compatible(ckpt: dict, model: nn.Module, path: Path) -> None:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: Optim, steps_per_epoch: int):
     total = optim.epochs * steps_per_epoch
-    if optim.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total, pct_start=0.25)
+    if total < 4:
+        raise TrainingError(f"only {total} optimizer steps: use more epochs or a smaller batch size")
+    if optim.schedule == "onecycle":  # warm up over 25% of the steps (at least one), then anneal
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=optim.lr, total_steps=total, pct_start=max(0.25, 1.5 / total)
+        )
     if optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    raise ValueError(f"unknown schedule {optim.schedule!r}; choose from: onecycle, cosine")
+    raise TrainingError(f"unknown schedule {optim.schedule!r}; choose from: onecycle, cosine")
 
 
 def fit(

@@ -1,0 +1,343 @@
+"""TorchX components for kdq: launch the same jobs on a laptop, a Slurm cluster or Kubernetes.
+
+Each component is a plain function returning a TorchX ``AppDef`` that runs the ``kdq`` command line;
+kdq itself knows nothing of TorchX. One process (``-j 1x1``) runs ``kdq ...`` directly; more run it under
+``torchrun`` with c10d rendezvous, wired by TorchX's own ``dist.ddp``. Options after ``--`` go to kdq verbatim.
+
+The same job on each scheduler (from the repo root, which ships a ``.torchxconfig``)::
+
+    torchx run components.py:distill --help
+    torchx run -s local_cwd components.py:distill --preset demo --epochs 1 -j 1x2
+    torchx run -s slurm components.py:distill --preset demo --epochs 1 -j 2x1 --run_dir $PWD/runs/demo
+    torchx run -s kubernetes --workspace "" components.py:distill --image REGISTRY/kdq:TAG -j 2x1 \\
+        --mounts type=volume,src=kdq-runs,dst=/runs --run_dir /runs/demo
+    torchx run -s local_docker --workspace "" components.py:distill --image localhost/kdq:latest \\
+        --mounts type=bind,src=$PWD/runs,dst=/runs --run_dir /runs/demo
+"""
+
+# TorchX reads these annotations at run time and understands typing's Optional/Dict/List, not `X | None`.
+# ruff: noqa: UP006, UP035, UP045
+
+import dataclasses
+import shlex
+from typing import Dict, List, Optional
+
+from torchx import specs
+from torchx.components import dist
+
+DEFAULT_IMAGE = "localhost/kdq:latest"  # what `make image` builds; push it to your registry for clusters
+QAT_STAGE = "student_qat"  # where `kdq distill --qat` writes
+CHECKPOINT = "checkpoint.pt"
+
+
+def _flags(**options: object) -> List[str]:
+    """kdq CLI options from keyword arguments: None is left out, True becomes a bare flag, False nothing."""
+    argv: List[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def _escape(arg: str) -> str:
+    """Shell-quote one argument and protect `$` from TorchX's macro substitution."""
+    return shlex.quote(arg).replace("$", "$$")
+
+
+def _nprocs(j: str) -> int:
+    _, max_nnodes, nproc_per_node, _ = dist.parse_nnodes(j)  # raises with valid examples on a bad -j
+    return max_nnodes * nproc_per_node
+
+
+def _ddp_role(name: str, image: str, j: str, cpu: int, gpu: int, memMB: int, h: Optional[str],
+              env: Optional[Dict[str, str]], max_retries: int, mounts: Optional[List[str]], rdzv_port: int,
+              job_name: Optional[str]) -> specs.Role:  # fmt: skip
+    """The role `dist.ddp` builds for `torchrun -m kdq.cli`, renamed after the component (args replaced later)."""
+    app = dist.ddp(
+        m="kdq.cli",
+        image=image,
+        name=job_name or f"kdq-{name}",
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=dict(env or {}),  # dist.ddp writes into the dict it gets: never hand it the caller's
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        mounts=mounts,
+    )
+    return dataclasses.replace(app.roles[0], name=name)
+
+
+def _torchrun_command(role: specs.Role, kdq_argv: List[str]) -> str:
+    """The shell command `dist.ddp` wrote for its role, with our kdq arguments in place of its script args."""
+    command = role.args[1]  # ["-c", "torchrun ... -m kdq.cli"]
+    return command + "".join(" " + _escape(a) for a in kdq_argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One `kdq` command of a job."""
+
+    argv: List[str]
+    distributed: bool = True  # under torchrun when the job has more than one process
+    first_node_only: bool = False  # writes shared files: run it on replica 0 only
+    unless_exists: Optional[str] = None  # skip it when this file exists (a resumed or retried job)
+
+
+def _app(name: str, steps: List[_Step], image: str, j: str, cpu: int, gpu: int, memMB: int, h: Optional[str],
+         env: Optional[Dict[str, str]], max_retries: int, mounts: Optional[List[str]], rdzv_port: int,
+         job_name: Optional[str]) -> specs.AppDef:  # fmt: skip
+    """One role running kdq steps in order: `kdq ARGS` in one process, `torchrun -m kdq.cli ARGS` in several."""
+    role = _ddp_role(name, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, job_name)
+    app_name = job_name or f"kdq-{name}"
+    many = _nprocs(j) > 1
+    if len(steps) == 1 and not (many and steps[0].distributed):
+        # One plain process: no shell, no torchrun; the scheduler runs `kdq ...` itself.
+        return specs.AppDef(app_name, roles=[dataclasses.replace(role, entrypoint="kdq", args=list(steps[0].argv))])
+    commands = []
+    for step in steps:
+        if many and step.distributed:
+            command = _torchrun_command(role, step.argv)
+        else:
+            command = " ".join(_escape(a) for a in ["kdq", *step.argv])
+        if step.unless_exists:
+            command = f"[ -e {_escape(step.unless_exists)} ] || {command}"
+        if step.first_node_only and role.num_replicas > 1:
+            command = f'if [ "{specs.macros.replica_id}" = 0 ]; then {command}; fi'
+        commands.append(command)
+    script = "set -e; " + "; ".join(commands)
+    return specs.AppDef(app_name, roles=[dataclasses.replace(role, entrypoint="bash", args=["-c", script])])
+
+
+def teacher(
+    *kdq_args: str,
+    image: str = DEFAULT_IMAGE,
+    j: str = "1x1",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+    rdzv_port: int = 29500,
+    name: Optional[str] = None,
+    preset: str = "demo",
+    run_dir: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    arch: Optional[str] = None,
+    device: Optional[str] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> specs.AppDef:
+    """
+    Train the teacher: `kdq teacher` -> RUN_DIR/teacher/checkpoint.pt.
+
+    Args:
+        kdq_args: extra `kdq teacher` options, passed through verbatim (after --)
+        image: container image (local_docker, kubernetes); local_cwd and slurm run in the current directory
+        j: {nnodes}x{nproc_per_node}, e.g. 1x1, 1x2, 2x1; more than one process runs torchrun (c10d rendezvous)
+        cpu: CPUs per node
+        gpu: GPUs per node (nproc_per_node must not exceed it on GPU hosts)
+        memMB: memory per node in MB
+        h: a registered named resource (takes precedence over cpu, gpu and memMB)
+        env: environment variables for the job, e.g. KDQ_DATA_DIR=/data,OMP_NUM_THREADS=1
+        max_retries: how many times the scheduler may restart the job
+        mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
+        rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
+        name: job name (None: kdq-teacher)
+        preset: kdq recipe (demo, cifar10)
+        run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
+        data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
+        epochs: epochs (None: the preset's)
+        batch_size: global batch size (None: the preset's)
+        lr: peak learning rate (None: the preset's)
+        arch: teacher architecture (None: the preset's)
+        device: auto, cpu, cuda (None: auto)
+        resume: continue from RUN_DIR/teacher/checkpoint.pt if there is one (use with max_retries)
+        overwrite: replace an existing checkpoint
+    """
+    argv = ["teacher", *_flags(preset=preset, run_dir=run_dir, data_dir=data_dir, epochs=epochs)]
+    argv += _flags(batch_size=batch_size, lr=lr, arch=arch, device=device, resume=resume, overwrite=overwrite)
+    steps = [_Step([*argv, *kdq_args])]
+    return _app("teacher", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)
+
+
+def distill(
+    *kdq_args: str,
+    image: str = DEFAULT_IMAGE,
+    j: str = "1x1",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+    rdzv_port: int = 29500,
+    name: Optional[str] = None,
+    preset: str = "demo",
+    run_dir: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    teacher: Optional[str] = None,
+    qat: bool = True,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    alpha: Optional[float] = None,
+    temperature: Optional[float] = None,
+    device: Optional[str] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> specs.AppDef:
+    """
+    Distil the student from the teacher: `kdq distill`, with quantization-aware training by default.
+    Writes RUN_DIR/student_qat/ (RUN_DIR/student/ with --qat False); computes the soft targets if missing.
+
+    Args:
+        kdq_args: extra `kdq distill` options, passed through verbatim (after --)
+        image: container image (local_docker, kubernetes); local_cwd and slurm run in the current directory
+        j: {nnodes}x{nproc_per_node}, e.g. 1x1, 1x2, 2x1; more than one process runs torchrun (c10d rendezvous)
+        cpu: CPUs per node
+        gpu: GPUs per node (nproc_per_node must not exceed it on GPU hosts)
+        memMB: memory per node in MB
+        h: a registered named resource (takes precedence over cpu, gpu and memMB)
+        env: environment variables for the job, e.g. KDQ_DATA_DIR=/data,OMP_NUM_THREADS=1
+        max_retries: how many times the scheduler may restart the job
+        mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
+        rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
+        name: job name (None: kdq-distill)
+        preset: kdq recipe (demo, cifar10)
+        run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
+        data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
+        teacher: teacher checkpoint (None: RUN_DIR/teacher/checkpoint.pt)
+        qat: quantization-aware training + KD (kdq distill --qat); False trains a float student
+        epochs: epochs (None: the preset's)
+        batch_size: global batch size (None: the preset's)
+        lr: peak learning rate (None: the preset's)
+        alpha: weight of the teacher's soft targets in [0, 1]; 0 needs no teacher (None: the preset's)
+        temperature: KD temperature (None: the preset's)
+        device: auto, cpu, cuda (None: auto)
+        resume: continue from the stage's checkpoint if there is one (use with max_retries)
+        overwrite: replace an existing checkpoint
+    """
+    argv = ["distill", *_flags(preset=preset, run_dir=run_dir, data_dir=data_dir, teacher=teacher, qat=qat)]
+    argv += _flags(epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, temperature=temperature)
+    argv += _flags(device=device, resume=resume, overwrite=overwrite)
+    steps = [_Step([*argv, *kdq_args])]
+    return _app("distill", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)
+
+
+def export(
+    checkpoint: str,
+    *kdq_args: str,
+    image: str = DEFAULT_IMAGE,
+    j: str = "1x1",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+    name: Optional[str] = None,
+    target: str = "x86",
+    out: Optional[str] = None,
+) -> specs.AppDef:
+    """
+    Export a checkpoint to int8 TorchScript and ONNX and check them: `kdq export`. Runs in one process.
+
+    Args:
+        checkpoint: checkpoint as the job sees it, e.g. runs/demo/student_qat/checkpoint.pt
+        kdq_args: extra `kdq export` options, passed through verbatim (after --)
+        image: container image (local_docker, kubernetes); local_cwd and slurm run in the current directory
+        j: must be 1x1 (or 1): export is a single process; accepted so every component takes the same options
+        cpu: CPUs
+        gpu: GPUs
+        memMB: memory in MB
+        h: a registered named resource (takes precedence over cpu, gpu and memMB)
+        env: environment variables for the job, e.g. OMP_NUM_THREADS=2
+        max_retries: how many times the scheduler may restart the job
+        mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
+        name: job name (None: kdq-export)
+        target: export target (export/TARGET.toml), e.g. x86, arm
+        out: output directory (None: kdq's, beside the checkpoint)
+    """
+    if _nprocs(j) != 1:
+        raise ValueError(f"export runs in one process: use -j 1x1, not -j {j}")
+    argv = ["export", checkpoint, *_flags(target=target, out=out), *kdq_args]
+    steps = [_Step(argv, distributed=False)]
+    return _app("export", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, 29500, name)
+
+
+def pipeline(
+    *kdq_args: str,
+    image: str = DEFAULT_IMAGE,
+    j: str = "1x1",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+    rdzv_port: int = 29500,
+    name: Optional[str] = None,
+    preset: str = "demo",
+    run_dir: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    teacher_epochs: Optional[int] = None,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    qat: bool = True,
+    target: str = "x86",
+    device: Optional[str] = None,
+    resume: bool = True,
+) -> specs.AppDef:
+    """
+    One job: teacher -> soft targets -> distill (QAT + KD) -> export. Training steps use every process;
+    soft targets and export run once, on the first node. With resume (default), a retried job skips finished work.
+
+    Args:
+        kdq_args: extra options for `kdq distill`, passed through verbatim (after --)
+        image: container image (local_docker, kubernetes); local_cwd and slurm run in the current directory
+        j: {nnodes}x{nproc_per_node}, e.g. 1x1, 1x2, 2x1; more than one process runs torchrun (c10d rendezvous)
+        cpu: CPUs per node
+        gpu: GPUs per node (nproc_per_node must not exceed it on GPU hosts)
+        memMB: memory per node in MB
+        h: a registered named resource (takes precedence over cpu, gpu and memMB)
+        env: environment variables for the job, e.g. KDQ_DATA_DIR=/data,OMP_NUM_THREADS=1
+        max_retries: how many times the scheduler may restart the job
+        mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
+        rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
+        name: job name (None: kdq-pipeline)
+        preset: kdq recipe (demo, cifar10)
+        run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
+        data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
+        teacher_epochs: teacher epochs (None: the preset's)
+        epochs: student epochs (None: the preset's)
+        batch_size: global batch size of both trainings (None: the preset's)
+        qat: quantization-aware training + KD; False distils a float student
+        target: export target (export/TARGET.toml), e.g. x86, arm
+        device: auto, cpu, cuda (None: auto)
+        resume: skip or continue finished stages (a retried job picks up where it stopped)
+    """
+    run = _flags(preset=preset, run_dir=run_dir, data_dir=data_dir)
+    common = _flags(batch_size=batch_size, device=device, resume=resume)
+    root = run_dir or f"runs/{preset}"
+    student = f"{root}/{QAT_STAGE if qat else 'student'}/{CHECKPOINT}"
+    steps = [
+        _Step(["teacher", *run, *_flags(epochs=teacher_epochs), *common]),
+        # `kdq soft-targets` refuses to overwrite: a resumed job skips it when the file is there.
+        _Step(["soft-targets", *run, *_flags(device=device)], False, True, unless_exists=f"{root}/soft_targets.pt"),
+        _Step(["distill", *run, *_flags(qat=qat, epochs=epochs), *common, *kdq_args]),
+        _Step(["export", student, *_flags(target=target, out=f"{root}/export")], False, True),
+    ]
+    return _app("pipeline", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)

@@ -1,0 +1,73 @@
+"""Shared fixtures: small real data (digits) and CIFAR-format files generated on the fly."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdq.data import CIFAR10_CLASSES, Dataset, Split, load_digits
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def tiny(digits: Dataset) -> Dataset:
+    """256 training and 128 test digits: enough to learn something in seconds."""
+    return Dataset(
+        "digits",
+        Split(digits.train.images[:256], digits.train.labels[:256]),
+        Split(digits.test.images[:128], digits.test.labels[:128]),
+        digits.classes,
+    )
+
+
+def write_cifar_batch(path: Path, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """A CIFAR-10 python batch with the real layout: dict with 'data' (N, 3072) uint8 and 'labels'."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n).tolist()
+    with open(path, "wb") as f:
+        pickle.dump({"batch_label": f"batch {seed}", "labels": labels, "data": data, "filenames": []}, f)
+    return data, labels
+
+
+@pytest.fixture
+def fake_cifar(tmp_path: Path) -> Path:
+    """A CIFAR-10 tree (5 train batches + test batch, 8 images each) under tmp_path; returns the root."""
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / CIFAR10.base_folder
+    folder.mkdir()
+    for i, (name, _) in enumerate(CIFAR10.train_list + CIFAR10.test_list):
+        write_cifar_batch(folder / name, 8, seed=i)
+    assert len(CIFAR10_CLASSES) == 10
+    return tmp_path
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """`kdq pipeline --preset smoke` once per session (1-epoch teacher and students); returns RUN."""
+    from click.testing import CliRunner
+
+    from kdq.cli import main
+
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    result = CliRunner().invoke(main, ["pipeline", "--preset", "smoke", "--run-dir", str(run_dir), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return run_dir

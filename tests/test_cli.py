@@ -1,0 +1,80 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kdq import checkpoint as ck
+from kdq.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("command", ["teacher", "soft-targets", "distill", "baseline", "evaluate", "pipeline"])
+def test_every_command_explains_itself(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+    assert len(result.output.splitlines()) > 5
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    result = invoke("teacher", "--preset", "nope")
+    assert result.exit_code == 2 and "cifar10" in result.output and "demo" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--alpha", "1.5"], "alpha must be in [0, 1]"),
+        (["--temperature", "0"], "temperature must be > 0"),
+        (["--epochs", "0", "--alpha", "0"], "epochs must be > 0"),
+    ],
+)
+def test_bad_distillation_settings_are_one_line_errors(tmp_path, args, message):
+    result = invoke("distill", "--run-dir", tmp_path, *args)
+    assert result.exit_code == 1 and message in result.output
+    assert result.output.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_distill_without_teacher_says_what_to_do(tmp_path):
+    result = invoke("distill", "--preset", "smoke", "--run-dir", tmp_path)
+    assert result.exit_code == 1 and "run `kdq teacher` first" in result.output
+
+
+def test_smoke_pipeline_and_evaluate(smoke_run, tmp_path):
+    results = json.loads((smoke_run / "evaluation_results.json").read_text())
+    assert set(results) >= {"teacher", "baseline", "student"}
+    for r in results.values():
+        assert 0 <= r["top1"] <= 1 and r["parameters"] > 0 and r["latency_ms_b1"] > 0
+        assert len(r["confusion_matrix"]) == 10 and sum(map(sum, r["confusion_matrix"])) == 360
+    assert (smoke_run / "soft_targets.pt").exists()
+    out = tmp_path / "eval.json"
+    result = invoke("evaluate", smoke_run / "student" / "checkpoint.pt", "--out", out)
+    assert result.exit_code == 0, result.output
+    again = json.loads(out.read_text())["student"]
+    assert again["top1"] == results["student"]["top1"]  # deterministic evaluation
+    assert "student" in result.output and "mobilenet_v2" in result.output
+
+
+def test_evaluate_refuses_a_checkpoint_that_runs_code(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(pickle.dumps({"model": Evil()}))
+    result = invoke("evaluate", bad)
+    assert result.exit_code == 1 and "refused to load" in result.output
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused(smoke_run, tmp_path):
+    saved = ck.load_checkpoint(smoke_run / "student" / "checkpoint.pt")
+    saved[ck.ARCH] = {**saved[ck.ARCH], "kwargs": {"width_mult": 1.0}}  # the weights are a 0.35x student
+    ck.save_checkpoint(saved, tmp_path / "x.pt")
+    result = invoke("evaluate", tmp_path / "x.pt")
+    assert result.exit_code == 1 and "weights do not fit mobilenet_v2" in result.output

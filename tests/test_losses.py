@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdq.losses import KDLoss
+
+
+def test_alpha_zero_is_cross_entropy():
+    s, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    total, soft, hard = KDLoss(alpha=0.0)(s, y, torch.randn(8, 10))
+    assert torch.allclose(total, F.cross_entropy(s, y))
+    assert soft.item() == 0.0 and torch.equal(hard, total)
+
+
+def test_matches_hand_computation_with_t_squared():
+    s = torch.tensor([[1.0, 2.0, 0.5]])
+    t = torch.tensor([[0.2, 3.0, -1.0]])
+    y = torch.tensor([1])
+    T, alpha = 4.0, 0.7
+    ps = [math.exp(v / T) for v in s[0].tolist()]
+    pt = [math.exp(v / T) for v in t[0].tolist()]
+    ps = [p / sum(ps) for p in ps]
+    pt = [p / sum(pt) for p in pt]
+    kl = sum(q * math.log(q / p) for p, q in zip(ps, pt, strict=True))
+    ce = -math.log(math.exp(2.0) / sum(math.exp(v) for v in s[0].tolist()))
+    total, soft, hard = KDLoss(alpha, T)(s, y, t)
+    assert soft.item() == pytest.approx(T * T * kl, rel=1e-5)
+    assert hard.item() == pytest.approx(ce, rel=1e-5)
+    assert total.item() == pytest.approx(alpha * T * T * kl + (1 - alpha) * ce, rel=1e-5)
+
+
+def test_soft_term_scales_with_t_squared_for_tiny_logits():
+    # For small logits KL(T) ~ 1/T^2, so T^2 * KL is nearly independent of T (Hinton et al.).
+    s, t = 1e-2 * torch.randn(4, 10), 1e-2 * torch.randn(4, 10)
+    y = torch.zeros(4, dtype=torch.long)
+    soft2 = KDLoss(1.0, 2.0)(s, y, t)[1]
+    soft8 = KDLoss(1.0, 8.0)(s, y, t)[1]
+    assert soft2.item() == pytest.approx(soft8.item(), rel=0.05)  # with the T^2 factor: T-independent
+    assert (soft2 / 4).item() == pytest.approx((soft8 / 64).item() * 16, rel=0.05)  # raw KL: 16x apart
+
+
+def test_identical_logits_have_zero_soft_loss():
+    s = torch.randn(5, 10)
+    assert KDLoss(1.0, 4.0)(s, torch.zeros(5, dtype=torch.long), s.clone())[1].abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("alpha,temperature", [(-0.1, 4.0), (1.5, 4.0), (0.5, 0.0), (0.5, -1.0)])
+def test_rejects_bad_weights(alpha, temperature):
+    with pytest.raises(ValueError):
+        KDLoss(alpha, temperature)
+
+
+def test_soft_labels_from_mixing_are_accepted():
+    s = torch.randn(4, 10)
+    probs = torch.softmax(torch.randn(4, 10), 1)
+    total, _, _ = KDLoss(0.0)(s, probs)
+    assert torch.allclose(total, -(probs * F.log_softmax(s, 1)).sum(1).mean())

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from kdq.models import CifarMobileNetV2, build_model, count_parameters
+
+
+@pytest.mark.parametrize(
+    "arch,expected",
+    [("resnet18", 11.17e6), ("resnet50", 23.52e6), ("resnet152", 58.16e6), ("mobilenet_v2", 2.24e6)],
+)
+def test_parameter_counts(arch, expected):
+    assert count_parameters(build_model(arch, 10)) == pytest.approx(expected, rel=0.01)
+
+
+def test_cifar_stem_keeps_resolution():
+    teacher = build_model("resnet18", 10)
+    assert teacher.conv1.stride == (1, 1) and isinstance(teacher.maxpool, torch.nn.Identity)
+    student = build_model("mobilenet_v2", 10)
+    assert student.features[0][0].stride == (1, 1)
+    assert build_model("mobilenet_v2", 7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_student_is_ready_for_eager_quantization():
+    m = CifarMobileNetV2(10, width_mult=0.5)
+    assert not any(isinstance(x, torch.nn.ReLU6) for x in m.modules())  # no conv-bn-ReLU6 fusion exists
+    m.eval().fuse_model(is_qat=False)
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # every BN folded
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="resnet152.*mobilenet_v2"):
+        build_model("vgg", 10)
