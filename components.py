@@ -109,7 +109,7 @@ def _app(name: str, steps: List[_Step], image: str, j: str, cpu: int, gpu: int, 
         if step.first_node_only and role.num_replicas > 1:
             command = f'if [ "{specs.macros.replica_id}" = 0 ]; then {command}; fi'
         commands.append(command)
-    script = "set -e; " + "; ".join(commands)
+    script = commands[0] if len(commands) == 1 else "set -e; " + "; ".join(commands)
     return specs.AppDef(app_name, roles=[dataclasses.replace(role, entrypoint="bash", args=["-c", script])])
 
 

@@ -1,0 +1,51 @@
+# kdq in one image for laptops, Slurm and Kubernetes (TorchX): `make image`, or
+#   podman build -t kdq .                    (docker build works the same)
+#   podman run --rm kdq kdq --help
+#   podman run --rm -v "$PWD/runs:/workspace/runs" kdq distill --preset demo --epochs 1
+#
+# BASE must have Python 3.11 with venv. Defaults to the slim Python image; for GPU clusters a CUDA
+# runtime base works too (PyTorch's wheels bring their own CUDA libraries; the base brings the driver
+# glue), e.g. --build-arg BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 plus python3.11 (see
+# deploy/kubernetes/README.md). Without a registry: deploy/container/base-image.sh builds a Debian one.
+ARG BASE=python:3.11-slim-bookworm
+
+FROM ${BASE} AS builder
+ARG UV_VERSION=0.13.9
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/kdq \
+    UV_NATIVE_TLS=1
+WORKDIR /src
+# An optional CA bundle for registries behind an intercepting proxy:
+#   podman build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi \
+    && python3 -m venv /opt/uv \
+    && /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"
+# Dependencies first (one cached layer while uv.lock is unchanged), then kdq itself.
+COPY pyproject.toml uv.lock README.md ./
+RUN --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
+    && /opt/uv/bin/uv sync --frozen --no-dev --no-install-project
+COPY kdq ./kdq
+RUN --mount=type=cache,target=/root/.cache/uv \
+    /opt/uv/bin/uv sync --frozen --no-dev --no-editable --offline
+
+FROM ${BASE}
+LABEL org.opencontainers.image.title="kdq" \
+      org.opencontainers.image.description="Distill a big image classifier into a small int8 model"
+RUN useradd --create-home --uid 1000 --user-group kdq \
+    && mkdir -p /workspace /data \
+    && chown kdq:kdq /workspace /data
+COPY --from=builder /opt/kdq /opt/kdq
+COPY deploy/container/entrypoint.sh /usr/local/bin/kdq-entrypoint
+ENV PATH=/opt/kdq/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    KDQ_DATA_DIR=/data
+# Numeric, so Kubernetes can check runAsNonRoot.
+USER 1000:1000
+WORKDIR /workspace
+ENTRYPOINT ["/usr/local/bin/kdq-entrypoint"]
+CMD ["--help"]
