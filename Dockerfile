@@ -15,7 +15,7 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_PYTHON_DOWNLOADS=never \
     UV_PROJECT_ENVIRONMENT=/opt/kdq \
-    UV_NATIVE_TLS=1
+    UV_SYSTEM_CERTS=1
 WORKDIR /src
 # An optional CA bundle for registries behind an intercepting proxy:
 #   podman build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
@@ -23,7 +23,7 @@ RUN --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi \
     && python3 -m venv /opt/uv \
     && /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"
-# Dependencies first (one cached layer while uv.lock is unchanged), then kdq itself.
+# The dependencies (one big layer, cached while uv.lock is unchanged), then kdq as a wheel.
 COPY pyproject.toml uv.lock README.md ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=secret,id=ca,required=false \
@@ -31,7 +31,9 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     && /opt/uv/bin/uv sync --frozen --no-dev --no-install-project
 COPY kdq ./kdq
 RUN --mount=type=cache,target=/root/.cache/uv \
-    /opt/uv/bin/uv sync --frozen --no-dev --no-editable --offline
+    --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
+    && /opt/uv/bin/uv build --wheel --out-dir /dist
 
 FROM ${BASE}
 LABEL org.opencontainers.image.title="kdq" \
@@ -40,10 +42,16 @@ RUN useradd --create-home --uid 1000 --user-group kdq \
     && mkdir -p /workspace /data \
     && chown kdq:kdq /workspace /data
 COPY --from=builder /opt/kdq /opt/kdq
+# kdq itself in its own small layer: a code change does not copy the dependencies again.
+RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
+    --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
+    /opt/uv/bin/uv pip install --python /opt/kdq/bin/python --no-deps --no-cache --offline /dist/kdq-*.whl
+COPY export/*.toml /opt/kdq/share/kdq/export/
 COPY deploy/container/entrypoint.sh /usr/local/bin/kdq-entrypoint
 ENV PATH=/opt/kdq/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    KDQ_DATA_DIR=/data
+    KDQ_DATA_DIR=/data \
+    KDQ_TARGETS_DIR=/opt/kdq/share/kdq/export
 # Numeric, so Kubernetes can check runAsNonRoot.
 USER 1000:1000
 WORKDIR /workspace

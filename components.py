@@ -250,9 +250,13 @@ def export(
     name: Optional[str] = None,
     target: str = "x86",
     out: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    verify: bool = True,
+    latency_runs: Optional[int] = None,
+    overwrite: bool = False,
 ) -> specs.AppDef:
     """
-    Export a checkpoint to int8 TorchScript and ONNX and check them: `kdq export`. Runs in one process.
+    Export an int8 checkpoint to TorchScript + ONNX and certify parity: `kdq export`. Runs in one process.
 
     Args:
         checkpoint: checkpoint as the job sees it, e.g. runs/demo/student_qat/checkpoint.pt
@@ -268,11 +272,16 @@ def export(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         name: job name (None: kdq-export)
         target: export target (export/TARGET.toml), e.g. x86, arm
-        out: output directory (None: kdq's, beside the checkpoint)
+        out: output directory (None: RUN/export-TARGET beside the checkpoint's stage folder)
+        data_dir: dataset root for the parity run (None: data, or $KDQ_DATA_DIR)
+        verify: certify parity and latency against the target's gates
+        latency_runs: timed runs per latency cell (None: the target's)
+        overwrite: replace an existing export folder
     """
     if _nprocs(j) != 1:
         raise ValueError(f"export runs in one process: use -j 1x1, not -j {j}")
-    argv = ["export", checkpoint, *_flags(target=target, out=out), *kdq_args]
+    argv = ["export", checkpoint, *_flags(target=target, out=out, data_dir=data_dir)]
+    argv += [*_flags(latency_runs=latency_runs, overwrite=overwrite), *([] if verify else ["--no-verify"]), *kdq_args]
     steps = [_Step(argv, distributed=False)]
     return _app("export", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, 29500, name)
 
@@ -338,6 +347,7 @@ def pipeline(
         # `kdq soft-targets` refuses to overwrite: a resumed job skips it when the file is there.
         _Step(["soft-targets", *run, *_flags(device=device)], False, True, unless_exists=f"{root}/soft_targets.pt"),
         _Step(["distill", *run, *_flags(qat=qat, epochs=epochs), *common, *kdq_args]),
-        _Step(["export", student, *_flags(target=target, out=f"{root}/export")], False, True),
+        # The student may have been (re)trained in this job: always export afresh.
+        _Step(["export", student, *_flags(target=target, data_dir=data_dir, overwrite=True)], False, True),
     ]
     return _app("pipeline", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)

@@ -102,6 +102,9 @@ def test_export_is_one_process():
     role = components.export("runs/demo/student_qat/checkpoint.pt", target="arm", out="/runs/export").roles[0]
     assert role.entrypoint == "kdq"
     assert role.args == ["export", "runs/demo/student_qat/checkpoint.pt", "--target", "arm", "--out", "/runs/export"]
+    assert components.export("c.pt", verify=False, latency_runs=3).roles[0].args[-3:] == [
+        "--latency-runs", "3", "--no-verify",
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="one process"):
         components.export("ckpt.pt", j="1x2")
 
@@ -112,7 +115,7 @@ def test_pipeline_runs_every_stage_in_order_and_writes_shared_files_once():
     assert stages == ["teacher", "soft-targets", "distill", "export"]
     assert script.startswith("set -e;") and "--resume" in script
     assert "[ -e /runs/x/soft_targets.pt ] || kdq soft-targets" in script
-    assert "kdq export /runs/x/student_qat/checkpoint.pt --target x86 --out /runs/x/export" in script
+    assert "kdq export /runs/x/student_qat/checkpoint.pt --target x86 --overwrite" in script
     multi = components.pipeline(j="2x1").roles[0].args[1]
     assert multi.count("torchrun ") == 2  # teacher and distill use every node
     assert multi.count('if [ "${replica_id}" = 0 ]') == 2  # soft targets and export run on the first only

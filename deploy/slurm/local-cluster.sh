@@ -142,11 +142,10 @@ start_mariadb() {
         mariadb-install-db --user=mysql --datadir="$STATE/mysqld/data" --skip-test-db \
             >"$STATE/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed: see $STATE/log/mariadb-install.log"
     fi
-    if ! pid_alive "$STATE/run/mariadb.pid"; then
+    if ! pid_alive "$STATE/mysqld/mariadb.pid"; then
         # Unix socket only: no TCP port at all.
         in_ns mariadbd --user=mysql --datadir="$STATE/mysqld/data" --socket="$DB_SOCKET" --skip-networking \
             --pid-file="$STATE/mysqld/mariadb.pid" --log-error="$STATE/log/mariadb.log" >/dev/null 2>&1 &
-        echo $! >"$STATE/run/mariadb.pid"
     fi
     wait_for 60 mariadb --socket="$DB_SOCKET" -e "select 1" || die "MariaDB did not start: see $STATE/log/mariadb.log"
     mariadb --socket="$DB_SOCKET" -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'kdq';
@@ -199,7 +198,7 @@ stop_pid() { # name pidfile
     pid=$(cat "$pidfile")
     if kill -0 "$pid" 2>/dev/null; then
         kill "$pid"
-        for _ in $(seq 100); do
+        for _ in $(seq 300); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
@@ -212,8 +211,7 @@ stop() {
     for node in "${NODES[@]}"; do stop_pid "slurmd $node" "$STATE/run/slurmd-$node.pid"; done
     stop_pid slurmctld "$STATE/run/slurmctld.pid"
     stop_pid slurmdbd "$STATE/run/slurmdbd.pid"
-    # mariadbd was started through nsenter: the pid we saved is nsenter's, exec'd into mariadbd.
-    stop_pid mariadbd "$STATE/run/mariadb.pid"
+    stop_pid mariadbd "$STATE/mysqld/mariadb.pid"
     stop_pid munged "$STATE/run/munged.pid" # only if we started it
     if [[ -e /run/netns/$NS ]]; then
         # Job steps still alive in the namespace would keep it busy: end them first.

@@ -1,0 +1,68 @@
+"""A real Slurm job: deploy/slurm/local-cluster.sh starts Slurm 22.05 (two virtual nodes, accounting) in a
+loopback-only network namespace, `torchx run -s slurm components.py:distill -j 2x1` trains across both
+nodes (torchrun, c10d rendezvous on node1), then `torchx status`, `torchx log` and `torchx list` are
+checked and every daemon is stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from tests.launch_support import REPO, assert_checkpoint, job_env, need_root_linux, run
+
+KIT = REPO / "deploy/slurm/local-cluster.sh"
+TRAIN_ARGS = ["--preset", "demo", "--epochs", "1", "--batch_size", "64", "--alpha", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The cluster's environment for `local-cluster.sh exec`; stops every daemon afterwards."""
+    need_root_linux("the single-machine Slurm cluster")
+    env = job_env(
+        # Its own state and namespace: a kit a user started by hand (defaults) is left alone.
+        # The state (MariaDB data: the accounting schema) is kept between runs for a faster start.
+        KDQ_SLURM_DIR="/var/tmp/kdq-slurm-test",
+        KDQ_SLURM_NETNS="kdq-slurm-test",
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        run([KIT, "start"], env=env, timeout=900)
+        yield env
+    finally:
+        run([KIT, "stop"], env=env, timeout=120, check=False)
+        assert not os.path.exists("/run/netns/kdq-slurm-test")
+        for name in ("slurmctld", "slurmdbd", "slurmd-node1", "slurmd-node2"):
+            assert not os.path.exists(f"/var/tmp/kdq-slurm-test/run/{name}.pid"), f"{name} still running"
+        assert not os.path.exists("/var/tmp/kdq-slurm-test/mysqld/mariadb.pid"), "mariadbd still running"
+
+
+def torchx(slurm_env, cwd, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return run([KIT, "exec", REPO / ".venv/bin/torchx", *args], cwd=cwd, env=slurm_env, timeout=timeout)
+
+
+def test_distill_2x1_on_slurm(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    out = torchx(
+        slurm, tmp_path, "run", "-s", "slurm", "-cfg", "time=15", "--wait",
+        f"{REPO}/components.py:distill", "-j", "2x1", "--cpu", "1", "--memMB", "3000",
+        *TRAIN_ARGS, "--run_dir", str(run_dir), timeout=900,
+    ).stdout  # fmt: skip
+    handle = re.search(r"slurm://torchx/\d+", out).group(0)
+    assert "Job finished: SUCCEEDED" in out, out[-3000:]
+    assert_checkpoint(run_dir)
+
+    status = torchx(slurm, tmp_path, "status", handle).stdout
+    assert "State: SUCCEEDED" in status, status
+    assert "distill[0]:SUCCEEDED" in status and "distill[1]:SUCCEEDED" in status, status
+
+    # One log per node (Slurm keeps stdout and stderr apart); kdq logs its epochs on stderr, from rank 0.
+    logs = torchx(slurm, tmp_path, "log", "--streams", "stderr", f"{handle}/distill").stdout
+    assert "distill/0" in logs and "distill/1" in logs, logs[-3000:]
+    assert "epoch 1/1" in logs, logs[-3000:]
+
+    listing = torchx(slurm, tmp_path, "list", "-s", "slurm").stdout
+    assert handle.rsplit("/", 1)[1] in listing, listing
