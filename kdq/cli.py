@@ -12,6 +12,7 @@ from kdq import recipes
 from kdq.config import PRESETS, Preset, get_preset
 from kdq.errors import KdqError
 from kdq.models import TEACHERS
+from kdq.quant import BACKENDS
 from kdq.train import CHECKPOINT, override
 
 
@@ -150,7 +151,18 @@ def _student_options(f):
                 help="Online: run the teacher on every augmented batch. Offline: use RUN/soft_targets.pt "
                 "(computed first if missing).",
             ),
-            click.option("--stage", default=None, help="Output folder name under RUN  [default: student or baseline]"),
+            click.option(
+                "--stage", default=None, help="Output folder under RUN  [default: student, baseline or student_qat]"
+            ),
+            click.option(
+                "--qat", is_flag=True, help="Quantization-aware training with the same KD loss (preset's quant recipe)."
+            ),
+            click.option(
+                "--init",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="With --qat: float checkpoint to fine-tune  [default: RUN/student/checkpoint.pt if it exists]",
+            ),
         ]
     ):
         f = d(f)
@@ -158,21 +170,42 @@ def _student_options(f):
 
 
 def _train_student(
-    preset, run_dir, opts, alpha, epochs, lr, batch_size, temperature, dropout, width, teacher_path, online, stage
+    preset,
+    run_dir,
+    opts,
+    alpha,
+    epochs,
+    lr,
+    batch_size,
+    temperature,
+    dropout,
+    width,
+    teacher_path,
+    online,
+    stage,
+    qat,
+    init,
 ) -> None:
-    preset = recipes.with_overrides(
-        preset,
-        alpha=alpha,
-        temperature=temperature,
-        student_dropout=dropout,
-        student_width=width,
-        student_optim=override(preset.student_optim, epochs=epochs, lr=lr, batch_size=batch_size),
-    )
     from kdq.losses import KDLoss
 
+    changes = dict(epochs=epochs, lr=lr, batch_size=batch_size)
+    preset = recipes.with_overrides(
+        preset, alpha=alpha, temperature=temperature, student_dropout=dropout, student_width=width
+    )
+    if qat:
+        qat_optim = override(preset.quant.qat_optim, **changes)
+        preset = recipes.with_overrides(preset, quant=recipes.with_overrides(preset.quant, qat_optim=qat_optim))
+        default_init = run_dir / "student" / CHECKPOINT
+        init = init or (default_init if default_init.exists() else None)
+    else:
+        preset = recipes.with_overrides(preset, student_optim=override(preset.student_optim, **changes))
     KDLoss(preset.alpha, preset.temperature)  # validate before any data is loaded
-    stage = stage or ("student" if preset.alpha > 0 else "baseline")
-    click.echo(recipes.train_student(preset, run_dir, opts, stage=stage, teacher_path=teacher_path, online=online))
+    stage = stage or ("student_qat" if qat else "student" if preset.alpha > 0 else "baseline")
+    click.echo(
+        recipes.train_student(
+            preset, run_dir, opts, stage=stage, teacher_path=teacher_path, online=online, qat=qat, init=init
+        )
+    )
 
 
 @main.command()
@@ -199,6 +232,33 @@ def baseline(preset: Preset, run_dir: Path, opts, **kwargs) -> None:
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(BACKENDS), default="x86", help="x86 (servers) or qnnpack (ARM).")
+@click.option("--calibration-batches", type=int, default=None, help="Batches to observe  [default: the preset's]")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output checkpoint  [default: RUN/<stage>_ptq/checkpoint.pt, RUN/<stage>_ptq_qnnpack/... for qnnpack]",
+)
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=Path("data"), envvar="KDQ_DATA_DIR", help="Dataset root."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def quantize(checkpoint: Path, backend, calibration_batches, out, data_dir, overwrite) -> None:
+    """Static post-training quantization of a float student checkpoint (per-channel weights on x86)."""
+    from kdq import checkpoint as ck
+
+    ckpt = ck.load_checkpoint(checkpoint)
+    preset = Preset.from_dict(ckpt[ck.PRESET])
+    suffix = "" if backend == "x86" else f"_{backend}"
+    out = out or checkpoint.parent.parent / f"{ckpt[ck.STAGE]}_ptq{suffix}" / CHECKPOINT
+    opts = recipes.RunOptions(data_dir=data_dir, overwrite=overwrite)
+    batches = calibration_batches or preset.quant.calibration_batches
+    click.echo(recipes.quantize_static(checkpoint, out, opts, backend=backend, batches=batches))
+
+
+@main.command()
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--data-dir", type=click.Path(path_type=Path), default=Path("data"), envvar="KDQ_DATA_DIR", help="Dataset root."
@@ -217,16 +277,71 @@ def evaluate(checkpoints, data_dir, out) -> None:
     click.echo(f"-> {out}")
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--target",
+    default="x86",
+    show_default=True,
+    help="Export target: a name from export/*.toml (x86, arm) or a path to a .toml file.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder  [default: RUN/export-TARGET beside the checkpoint's stage folder]",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("data"),
+    envvar="KDQ_DATA_DIR",
+    help="Dataset root (the parity run uses the checkpoint's test split).",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    help="Certify parity and latency against the target's gates (skip only on request).",
+)
+@click.option("--latency-runs", type=int, default=None, help="Timed runs per latency cell  [default: the target's]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
+def export_cmd(checkpoint: Path, target, out, data_dir, verify, latency_runs, overwrite) -> None:
+    """Export an int8 checkpoint to TorchScript + ONNX with a manifest, and certify parity.
+
+    \b
+    Writes OUT/model.pt, OUT/model.onnx, OUT/manifest.json, OUT/parity.json, OUT/parity.md.
+    A failed gate exits non-zero and keeps the candidate in OUT.rejected.
+    """
+    from kdq.export import export, load_target
+    from kdq.parity import format_report
+
+    t = load_target(target)
+    out = out or checkpoint.parent.parent / f"export-{t.name}"
+    try:
+        report = export(
+            checkpoint, out, t, data_dir=data_dir, verify=verify, overwrite=overwrite, latency_runs=latency_runs
+        )
+    except KdqError:
+        rejected = out.with_name(out.name + ".rejected") / "parity.md"
+        if rejected.exists():
+            click.echo(rejected.read_text(), err=True)
+        raise
+    if report:
+        click.echo(format_report(report))
+    click.echo(f"-> {out}")
+
+
 @main.command()
 @run_options
-def pipeline(preset: Preset, run_dir: Path, opts) -> None:
-    """Run every stage: teacher -> soft targets -> baseline -> KD student -> evaluation table.
+@click.option("--latency-runs", type=int, default=None, help="Export certificate: timed runs per latency cell.")
+def pipeline(preset: Preset, run_dir: Path, opts, latency_runs) -> None:
+    """Run every stage: teacher -> soft targets -> baseline -> KD student -> QAT -> table -> certified export.
 
     With --resume, finished stages are skipped and an interrupted one continues.
     """
     from kdq.pipeline import run_pipeline
 
-    run_pipeline(preset, run_dir, opts)
+    run_pipeline(preset, run_dir, opts, export_latency_runs=latency_runs)
 
 
 if __name__ == "__main__":

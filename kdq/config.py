@@ -35,6 +35,17 @@ class Augment:
 
 
 @dataclass(frozen=True)
+class Quant:
+    """int8 recipe: static PTQ calibration and QAT fine-tuning (with distillation)."""
+
+    backend: str = "x86"  # "x86" (servers, laptops) or "qnnpack" (ARM edge devices)
+    calibration_batches: int = 100  # PTQ: training batches the observers see (seed: CALIBRATION_BATCHES)
+    qat_optim: Optim = field(default_factory=lambda: Optim(epochs=5, lr=0.01, schedule="cosine"))
+    freeze_bn_after: float = 0.6  # fraction of QAT epochs after which BN statistics are frozen
+    freeze_observers_after: float = 0.8  # ... and after which quantization ranges stop moving
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     dataset: str  # "digits", "cifar10" or "folder"
@@ -45,6 +56,7 @@ class Preset:
     teacher_optim: Optim = field(default_factory=lambda: Optim(epochs=50, lr=0.05))
     student_optim: Optim = field(default_factory=lambda: Optim(epochs=20, lr=0.05))
     augment: Augment = field(default_factory=Augment)
+    quant: Quant = field(default_factory=Quant)
     temperature: float = 4.0  # Hinton et al.: softened teacher distribution
     alpha: float = 0.7  # weight of the soft (teacher) term; 0 = plain supervised baseline
     seed: int = 0
@@ -58,6 +70,8 @@ class Preset:
         d["teacher_optim"] = Optim(**d["teacher_optim"])
         d["student_optim"] = Optim(**d["student_optim"])
         d["augment"] = Augment(**d["augment"])
+        if "quant" in d:
+            d["quant"] = Quant(**{**d["quant"], "qat_optim": Optim(**d["quant"]["qat_optim"])})
         return cls(**d)
 
 
@@ -69,16 +83,19 @@ PRESETS: dict[str, Preset] = {
         teacher="resnet18",
         teacher_optim=Optim(epochs=4, lr=0.05, batch_size=64),
         student_optim=Optim(epochs=8, lr=0.1, batch_size=64),
+        quant=Quant(calibration_batches=20, qat_optim=Optim(epochs=3, lr=0.01, batch_size=64, schedule="cosine")),
         augment=Augment(crop_padding=2, flip=False),
     ),
-    # Seconds, not minutes: the whole pipeline once, for tests and smoke runs of launchers.
+    # Seconds, not minutes: the whole pipeline once, for tests and smoke runs of launchers. The "teacher"
+    # is a full-width MobileNetV2 (a ResNet epoch alone would take longer than this whole run).
     "smoke": Preset(
         name="smoke",
         dataset="digits",
-        teacher="resnet18",
+        teacher="mobilenet_v2",
         student_width=0.35,
-        teacher_optim=Optim(epochs=1, lr=0.05, batch_size=128),
-        student_optim=Optim(epochs=1, lr=0.05, batch_size=64),
+        teacher_optim=Optim(epochs=3, lr=0.1, batch_size=64),
+        student_optim=Optim(epochs=4, lr=0.1, batch_size=64),
+        quant=Quant(calibration_batches=4, qat_optim=Optim(epochs=2, lr=0.01, batch_size=64, schedule="cosine")),
         augment=Augment(crop_padding=2, flip=False),
     ),
     # The seed project's recipe: ResNet-152 teacher 50 epochs, MobileNetV2 student 20 epochs.

@@ -10,9 +10,16 @@ import click
 
 from kdq import recipes
 from kdq.config import Preset
+from kdq.export import export, load_target
+from kdq.parity import format_report
+
+TARGET_FOR_BACKEND = {"x86": "x86", "qnnpack": "arm"}
 
 
-def run_pipeline(preset: Preset, run_dir: Path, opts: recipes.RunOptions) -> dict:
+def run_pipeline(
+    preset: Preset, run_dir: Path, opts: recipes.RunOptions, export_latency_runs: int | None = None
+) -> dict:
+    """teacher -> baseline -> KD student -> QAT-KD student -> evaluation table -> certified int8 export."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     stages = {"teacher": recipes.train_teacher(preset, run_dir, opts)}
@@ -20,7 +27,22 @@ def run_pipeline(preset: Preset, run_dir: Path, opts: recipes.RunOptions) -> dic
         recipes.with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline"
     )
     stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
+    stages["student_qat"] = recipes.train_student(
+        preset, run_dir, opts, stage="student_qat", qat=True, init=stages["student"]
+    )
     results = recipes.evaluate_checkpoints(list(stages.values()), opts, run_dir / recipes.EVALUATION_JSON)
     click.echo(recipes.format_table(results))
+    target = load_target(TARGET_FOR_BACKEND[preset.quant.backend])
+    out = run_dir / f"export-{target.name}"
+    report = export(
+        stages["student_qat"],
+        out,
+        target,
+        data_dir=opts.data_dir,
+        overwrite=opts.overwrite or opts.resume,
+        latency_runs=export_latency_runs,
+    )
+    click.echo(format_report(report))
+    click.echo(f"certified int8 export -> {out}")
     print(f"[pipeline] {preset.name} done in {time.perf_counter() - t0:.0f}s -> {run_dir}", file=sys.stderr)
     return results

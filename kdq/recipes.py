@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from kdq import checkpoint as ck
 from kdq.config import Preset
@@ -22,6 +23,7 @@ from kdq.data import Dataset, Normalize, load_dataset
 from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import save_json, save_torch
 from kdq.models import build_model
+from kdq.quant import FLOAT_MODEL, QUANTIZATION, get_flow, int8_model, is_quantized
 from kdq.train import CHECKPOINT, Distill, Runtime, TrainingError, fit, setup_runtime
 
 SOFT_TARGETS = "soft_targets.pt"
@@ -108,8 +110,14 @@ def train_student(
     stage: str = "student",
     teacher_path: Path | None = None,
     online: bool = False,
+    qat: bool = False,
+    init: Path | None = None,
 ) -> Path:
-    """Distil the student from the teacher (alpha > 0) or train the baseline (alpha = 0)."""
+    """Distil the student from the teacher (alpha > 0) or train the baseline (alpha = 0).
+
+    With `qat`, the student trains with fake quantization (the preset's `quant` recipe) while the same
+    KD loss drives it, starting from the float checkpoint `init` when given.
+    """
     run_dir = Path(run_dir)
     rt = setup_runtime(opts.device)
     data = load_data(preset, opts)
@@ -125,11 +133,31 @@ def train_student(
     kwargs = {"width_mult": preset.student_width, "dropout": preset.student_dropout}
     arch = {"name": preset.student, "num_classes": len(data.classes), "kwargs": kwargs}
     model = build_model(preset.student, len(data.classes), **kwargs)
+    optim, extra, hook = preset.student_optim, None, None
+    if qat:
+        q = preset.quant
+        float_weights = None
+        if init is not None:
+            ickpt = ck.load_checkpoint(init)
+            _check_same_data(ickpt, data, init)
+            model = ck.model_from_checkpoint(ickpt, init)
+            arch, float_weights = ickpt[ck.ARCH], ickpt[ck.MODEL]
+        flow = get_flow("eager")
+        model = flow.prepare(model, q.backend, qat=True)
+        optim = q.qat_optim
+        extra = {
+            QUANTIZATION: {"flow": flow.name, "backend": q.backend, "mode": "qat", "init": str(init) if init else None},
+            FLOAT_MODEL: float_weights,
+        }
+
+        def hook(m, epoch):
+            flow.qat_epoch_hook(m, epoch, optim.epochs, q.freeze_bn_after, q.freeze_observers_after)
+
     fit(
         model,
         arch,
         data,
-        preset.student_optim,
+        optim,
         preset.augment,
         run_dir / stage,
         stage=stage,
@@ -140,8 +168,58 @@ def train_student(
         resume=opts.resume,
         overwrite=opts.overwrite,
         compile=opts.compile,
+        extra=extra,
+        on_epoch_start=hook,
     )
     return run_dir / stage / CHECKPOINT
+
+
+def quantize_static(
+    checkpoint: Path, out: Path, opts: RunOptions, backend: str = "x86", batches: int = 100, batch_size: int = 64
+) -> Path:
+    """Post-training static quantization: observe `batches` training batches, store the calibrated model."""
+    out = Path(out)
+    if out.exists() and not opts.overwrite:
+        raise ck.CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    ckpt = ck.load_checkpoint(checkpoint)
+    if is_quantized(ckpt):
+        raise ck.CheckpointError(f"{checkpoint} is already quantized ({ckpt[QUANTIZATION]['mode']})")
+    model = ck.model_from_checkpoint(ckpt, checkpoint)
+    preset = Preset.from_dict(ckpt[ck.PRESET])
+    data = load_data(preset, opts)
+    _check_same_data(ckpt, data, checkpoint)
+    flow = get_flow("eager")
+    prepared = flow.prepare(model, backend, qat=False)
+    normalize = Normalize(**ckpt[ck.NORMALIZATION])
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(preset.seed))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][:batches]
+    flow.calibrate(
+        prepared,
+        tqdm(
+            (normalize(data.train.images[c]) for c in chunks),
+            total=len(chunks),
+            desc="calibrate",
+            disable=None,
+            leave=False,
+            file=sys.stderr,
+        ),
+    )
+    quantized = {
+        **{k: v for k, v in ckpt.items() if k not in (ck.OPTIMIZER, ck.SCHEDULER, ck.RNG)},
+        ck.MODEL: prepared.state_dict(),
+        ck.STAGE: f"{ckpt[ck.STAGE]}_ptq",
+        QUANTIZATION: {
+            "flow": flow.name,
+            "backend": backend,
+            "mode": "ptq",
+            "calibration_batches": len(chunks),
+            "source": str(checkpoint),
+        },
+        FLOAT_MODEL: ckpt[ck.MODEL],
+    }
+    ck.save_checkpoint(quantized, out)
+    print(f"[quantize] {backend} PTQ calibrated on {len(chunks)} batches -> {out}", file=sys.stderr)
+    return out
 
 
 def _soft_targets_for(teacher_path: Path, data: Dataset, run_dir: Path, opts: RunOptions, rt: Runtime) -> torch.Tensor:
@@ -168,7 +246,7 @@ def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None =
     cache: dict[str, Dataset] = {}
     for path in paths:
         ckpt = ck.load_checkpoint(path)
-        model = ck.model_from_checkpoint(ckpt, path)
+        model = int8_model(ckpt, path) if is_quantized(ckpt) else ck.model_from_checkpoint(ckpt, path)
         preset = Preset.from_dict(ckpt[ck.PRESET])
         data = cache.get(preset.dataset) or cache.setdefault(preset.dataset, load_data(preset, opts))
         _check_same_data(ckpt, data, path)

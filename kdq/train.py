@@ -14,6 +14,7 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,11 +120,13 @@ def fit(
     overwrite: bool = False,
     compile: bool = False,
     extra: dict | None = None,
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None,
 ) -> dict:
     """Train `model` and write `out_dir/checkpoint.pt` (every epoch) and `history.json`.
 
     Returns the final checkpoint dict. `extra` entries are stored in the checkpoint (e.g. the QAT
-    recipe). With `resume`, an existing checkpoint is continued; without it, an existing checkpoint
+    recipe); `on_epoch_start(model, epoch)` runs before each epoch (e.g. the QAT freeze schedule).
+    With `resume`, an existing checkpoint is continued; without it, an existing checkpoint
     is an error unless `overwrite`.
     """
     out_dir = Path(out_dir)
@@ -205,6 +208,8 @@ def fit(
         if ckpt[ck.DONE]:
             break
         model.train()
+        if on_epoch_start is not None:
+            on_epoch_start(raw_model, epoch)
         gen = torch.Generator(dev).manual_seed(seed * 1_000_003 + epoch)
         t0 = time.perf_counter()
         loss_sum = soft_sum = hard_sum = correct = seen = 0.0

@@ -68,6 +68,8 @@ def smoke_run(tmp_path_factory) -> Path:
     from kdq.cli import main
 
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = CliRunner().invoke(main, ["pipeline", "--preset", "smoke", "--run-dir", str(run_dir), "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["pipeline", "--preset", "smoke", "--run-dir", str(run_dir), "--device", "cpu", "--latency-runs", "3"]
+    )
     assert result.exit_code == 0, result.output
     return run_dir

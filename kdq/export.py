@@ -1,0 +1,235 @@
+"""`kdq export`: int8 TorchScript + ONNX artifacts, a manifest, and a parity certificate.
+
+The export target (backend, opset, formats, parity gates, latency grid) is data: `export/<name>.toml`.
+Artifacts are built in a staging folder beside the output and renamed into place only when every gate
+passes (or `verify=False`); a rejected export is kept as `<out>.rejected` for inspection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import kdq
+from kdq import checkpoint as ck
+from kdq.errors import KdqError
+from kdq.files import save_json, save_text
+from kdq.quant import QUANTIZATION, float_reference, int8_model
+
+MANIFEST = "manifest.json"
+PARITY_JSON = "parity.json"
+PARITY_MD = "parity.md"
+ARTIFACTS = {"torchscript": "model.pt", "onnx": "model.onnx"}
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+TARGETS_DIR = Path(os.environ.get("KDQ_TARGETS_DIR", Path(kdq.__file__).resolve().parents[1] / "export"))
+
+
+class ExportError(KdqError):
+    """The export could not be produced, or it failed its parity gates."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str
+    formats: list[str]
+    onnx_opset: int = 17
+    gates: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A target by name (`export/NAME.toml`) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = TARGETS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+        raise ExportError(
+            f"unknown export target {str(name_or_path)!r}; choose from: {', '.join(known)} or a .toml path"
+        )
+    data = tomllib.loads(path.read_text())
+    unknown = set(data) - {"backend", "formats", "onnx_opset", "gates", "latency"}
+    if unknown:
+        raise ExportError(f"{path}: unknown keys {sorted(unknown)}")
+    bad = set(data.get("formats", [])) - set(ARTIFACTS)
+    if bad:
+        raise ExportError(f"{path}: unknown formats {sorted(bad)}; choose from: {', '.join(ARTIFACTS)}")
+    return Target(name=path.stem, **data)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_torchscript(model: nn.Module, path: Path) -> None:
+    """script + freeze: bit-exact with the eager int8 model, loadable with torch::jit::load from C++."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.freeze(torch.jit.script(model.eval())), str(path))
+
+
+def export_onnx(model: nn.Module, path: Path, opset: int, image_size: int = 32) -> None:
+    """The TorchScript-based exporter (dynamo=False): the dynamo exporter cannot export eager int8 modules.
+    The int8 model becomes a QDQ graph that onnxruntime fuses into QLinearConv / QLinearAdd kernels."""
+    import onnx
+
+    x = torch.randn(2, 3, image_size, image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )  # fmt: skip
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def build_manifest(ckpt: dict, checkpoint: Path, target: Target, folder: Path) -> dict:
+    import onnx
+    import onnxruntime
+
+    norm = ckpt[ck.NORMALIZATION]
+    return {
+        "format_version": 1,
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(ckpt[ck.CLASSES])], "dtype": "float32"},
+        "preprocessing": {
+            "size": [32, 32],
+            "resize": "bilinear",
+            "color": "RGB",
+            "scale": 1 / 255,
+            "mean": norm["mean"],
+            "std": norm["std"],
+            "formula": "x = (pixel / 255 - mean[c]) / std[c]",
+        },  # fmt: skip
+        "classes": ckpt[ck.CLASSES],
+        "artifacts": {
+            fmt: {
+                "file": ARTIFACTS[fmt],
+                "sha256": sha256(folder / ARTIFACTS[fmt]),
+                "bytes": (folder / ARTIFACTS[fmt]).stat().st_size,
+            }
+            for fmt in target.formats
+        },  # fmt: skip
+        "quantization": ckpt[QUANTIZATION],
+        "source": {
+            "checkpoint": str(checkpoint),
+            "sha256": sha256(checkpoint),
+            "stage": ckpt[ck.STAGE],
+            "arch": ckpt[ck.ARCH],
+            "preset": ckpt[ck.PRESET],
+        },  # fmt: skip
+        "target": {
+            "name": target.name,
+            "backend": target.backend,
+            "onnx_opset": target.onnx_opset,
+            "gates": target.gates,
+            "latency": target.latency,
+        },
+        "versions": {
+            "kdq": kdq.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": sys.version.split()[0],
+        },  # fmt: skip
+    }
+
+
+def export(
+    checkpoint: Path,
+    out: Path,
+    target: Target,
+    *,
+    data_dir: Path = Path("data"),
+    verify: bool = True,
+    overwrite: bool = False,
+    latency_runs: int | None = None,
+) -> dict:
+    """Export a quantized checkpoint for `target`; returns the parity report (empty when not verified)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it")
+    ckpt = ck.load_checkpoint(checkpoint)
+    if QUANTIZATION not in ckpt:
+        raise ExportError(
+            f"{checkpoint} is a float checkpoint; int8 export needs `kdq quantize` or `kdq distill --qat`"
+        )
+    if ckpt[QUANTIZATION]["backend"] != target.backend:
+        raise ExportError(
+            f"{checkpoint} was quantized for {ckpt[QUANTIZATION]['backend']}, target {target.name!r} needs "
+            f"{target.backend}: `kdq quantize --backend {target.backend}` first"
+        )
+    model = int8_model(ckpt, checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        if "torchscript" in target.formats:
+            export_torchscript(model, staging / ARTIFACTS["torchscript"])
+        if "onnx" in target.formats:
+            export_onnx(model, staging / ARTIFACTS["onnx"], target.onnx_opset)
+        save_json(build_manifest(ckpt, checkpoint, target, staging), staging / MANIFEST)
+        report: dict = {}
+        if verify:
+            report = _certify(ckpt, checkpoint, staging, target, data_dir, latency_runs)
+        if report and not report["passed"]:
+            rejected = out.with_name(out.name + ".rejected")
+            shutil.rmtree(rejected, ignore_errors=True)
+            staging.rename(rejected)
+            failed = [c["name"] for c in report["checks"] if not c["passed"]]
+            raise ExportError(f"parity gates failed: {', '.join(failed)} (export kept in {rejected})")
+        _replace_dir(staging, out)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put `new` at `out`; an existing `out` is swapped out first and removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _certify(ckpt: dict, checkpoint: Path, folder: Path, target: Target, data_dir: Path, runs: int | None) -> dict:
+    """Run the parity measurement in a fresh process (an independent load of every artifact)."""
+    from kdq.parity import format_report
+
+    with tempfile.TemporaryDirectory(prefix="kdq-ref-") as ref:
+        fp32 = float_reference(ckpt)
+        if fp32 is not None:  # fp32 artifacts of the model the int8 one came from, for speedups
+            export_torchscript(fp32, Path(ref) / ARTIFACTS["torchscript"])
+            export_onnx(fp32, Path(ref) / ARTIFACTS["onnx"], target.onnx_opset)
+        cmd = [sys.executable, "-m", "kdq.parity", str(folder), "--checkpoint", str(checkpoint),
+               "--data-dir", str(data_dir), "--out", str(folder / PARITY_JSON)]  # fmt: skip
+        if fp32 is not None:
+            cmd += ["--reference", ref]
+        if runs is not None:
+            cmd += ["--latency-runs", str(runs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ExportError(f"parity run failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    report = json.loads((folder / PARITY_JSON).read_text())
+    save_text(format_report(report), folder / PARITY_MD)
+    return report

@@ -1,0 +1,146 @@
+"""int8 quantization behind one small interface, so the flow can change without touching training or export.
+
+Why eager mode (`torch.ao.quantization`) today: measured on this CPU (shared/notes/quantization.md) it is the
+only flow that yields BOTH a real-int8 TorchScript file AND an ONNX file that onnxruntime runs entirely in
+int8 kernels (QLinearConv/QLinearAdd). PT2E (torchao) is the migration target: better parity, but its
+TorchScript is float-simulated and ORT runs its ONNX only partly in int8. A `Flow` with the same five
+methods replaces `EagerFlow` when that changes; `FLOWS` is the registry.
+
+Checkpoints never hold packed int8 modules: they hold the *prepared* model's state (float weights plus
+observer / fake-quant statistics), which loads with `weights_only=True`, and `int8_model` converts it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.ao import quantization as tq
+
+from kdq.checkpoint import ARCH, MODEL, CheckpointError
+from kdq.models import build_model
+
+BACKENDS = ("x86", "qnnpack")
+QUANTIZATION = "quantization"  # checkpoint key: {"flow", "backend", "mode", ...}
+FLOAT_MODEL = "float_model"  # checkpoint key: the float weights the int8 model came from (or None)
+
+
+class Flow(Protocol):
+    name: str
+
+    def prepare(self, model: nn.Module, backend: str, qat: bool) -> nn.Module: ...
+    def qat_epoch_hook(self, model: nn.Module, epoch: int, epochs: int, freeze_bn: float, freeze_obs: float): ...
+    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None: ...
+    def convert(self, prepared: nn.Module, backend: str) -> nn.Module: ...
+    def check_available(self, backend: str) -> None: ...
+
+
+class EagerFlow:
+    """Fuse conv-bn(-relu), insert observers/fake-quant, convert to `torch.ao.nn.quantized` modules."""
+
+    name = "eager"
+
+    def qconfig(self, backend: str, qat: bool) -> tq.QConfig:
+        if backend == "qnnpack":
+            return tq.get_default_qat_qconfig("qnnpack") if qat else tq.get_default_qconfig("qnnpack")
+        # x86: full 0..255 activation range (reduce_range=False) measured the same speed on VNNI CPUs and
+        # better parity with onnxruntime; per-channel weights.
+        if qat:
+            act = tq.FusedMovingAvgObsFakeQuantize.with_args(
+                observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=False
+            )
+            return tq.QConfig(activation=act, weight=tq.default_fused_per_channel_wt_fake_quant)
+        act = tq.HistogramObserver.with_args(quant_min=0, quant_max=255, reduce_range=False)
+        return tq.QConfig(activation=act, weight=tq.default_per_channel_weight_observer)
+
+    def check_available(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+        if backend not in torch.backends.quantized.supported_engines:
+            raise RuntimeError(
+                f"this PyTorch build has no {backend} quantized engine "
+                f"(has: {', '.join(torch.backends.quantized.supported_engines)})"
+            )
+
+    def prepare(self, model: nn.Module, backend: str, qat: bool) -> nn.Module:
+        self.check_available(backend)
+        torch.backends.quantized.engine = backend
+        model = copy.deepcopy(model).train(qat)
+        model.fuse_model(is_qat=qat)
+        model.qconfig = self.qconfig(backend, qat)
+        # The classifier stays float (dequantize happens before it): an int8 classifier puts logits on a
+        # coarse grid, and ties between runtimes then cost parity.
+        model.classifier.qconfig = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            return tq.prepare_qat(model) if qat else tq.prepare(model)
+
+    def qat_epoch_hook(self, model: nn.Module, epoch: int, epochs: int, freeze_bn: float, freeze_obs: float):
+        """Standard QAT schedule: BN statistics, then quantization ranges, stop moving late in training."""
+        if epoch >= round(freeze_bn * epochs):
+            model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+        if epoch >= round(freeze_obs * epochs):
+            model.apply(tq.disable_observer)
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+        model.eval()
+        for x in batches:
+            model(x)
+
+    def convert(self, prepared: nn.Module, backend: str) -> nn.Module:
+        self.check_available(backend)
+        torch.backends.quantized.engine = backend
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation + "must run observer" for unused skip-add observers
+            return tq.convert(copy.deepcopy(prepared).eval().cpu())
+
+
+FLOWS: dict[str, Flow] = {"eager": EagerFlow()}
+
+
+def get_flow(name: str) -> Flow:
+    try:
+        return FLOWS[name]
+    except KeyError:
+        raise ValueError(f"unknown quantization flow {name!r}; choose from: {', '.join(FLOWS)}") from None
+
+
+def is_quantized(ckpt: dict[str, Any]) -> bool:
+    return QUANTIZATION in ckpt
+
+
+def prepared_from_checkpoint(ckpt: dict[str, Any], path: Any = "checkpoint") -> nn.Module:
+    """Rebuild the prepared (observed / fake-quant) model a quantized checkpoint holds."""
+    q, arch = ckpt[QUANTIZATION], ckpt[ARCH]
+    model = build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    prepared = get_flow(q["flow"]).prepare(model, q["backend"], qat=q["mode"] == "qat")
+    try:
+        prepared.load_state_dict(ckpt[MODEL])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: quantized weights do not fit {arch['name']} ({str(e).splitlines()[0]})") from e
+    return prepared.eval()
+
+
+def int8_model(ckpt: dict[str, Any], path: Any = "checkpoint") -> nn.Module:
+    """The int8 model of a quantized checkpoint (eval mode, CPU, engine set to its backend)."""
+    if not is_quantized(ckpt):
+        raise CheckpointError(
+            f"{path} is a float checkpoint; quantize it first (`kdq quantize` or `kdq distill --qat`)"
+        )
+    q = ckpt[QUANTIZATION]
+    return get_flow(q["flow"]).convert(prepared_from_checkpoint(ckpt, path), q["backend"])
+
+
+def float_reference(ckpt: dict[str, Any]) -> nn.Module | None:
+    """The float model a quantized checkpoint came from, when it recorded one (eval mode)."""
+    if ckpt.get(FLOAT_MODEL) is None:
+        return None
+    arch = ckpt[ARCH]
+    model = build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
+    model.load_state_dict(ckpt[FLOAT_MODEL])
+    return model.eval()

@@ -1,0 +1,132 @@
+"""The container image, for real: hadolint, `make image` (podman build of the Dockerfile on a Debian base
+made with debootstrap: no registry is reachable here), `podman run IMAGE kdq --help`, a tiny demo-preset
+QAT training inside the container, and `torchx run -s local_docker` through podman's Docker-compatible
+API socket (served from a loopback-only network namespace) exporting the model that training produced.
+
+Cached between runs on the same machine: the base image, podman's layer cache (the dependency layer is
+rebuilt only when uv.lock changes) and uv's download cache (a build cache mount).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch_support import (
+    REPO,
+    VENV_BIN,
+    assert_checkpoint,
+    ensure_packages,
+    in_netns,
+    job_env,
+    need,
+    need_root_linux,
+    netns,
+    run,
+)
+
+IMAGE = "localhost/kdq:test"
+BASE = "localhost/kdq-base:bookworm"
+CONF = REPO / "deploy/container/containers.conf"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+PACKAGES = {"podman": "podman", "buildah": "buildah", "debootstrap": "debootstrap", "runc": "runc"}
+
+
+def podman_env(**extra: str) -> dict[str, str]:
+    return job_env(CONTAINERS_CONF=str(CONF), **extra)
+
+
+def test_hadolint_is_clean():
+    out = run([VENV_BIN / "hadolint", "--failure-threshold", "info", REPO / "Dockerfile"], timeout=60, check=False)
+    assert out.returncode == 0, out.stdout
+
+
+@pytest.fixture(scope="module")
+def image():
+    """`make image` on a debootstrap'd Debian base (both cached on this machine after the first run)."""
+    need_root_linux("rootful podman and debootstrap")
+    ensure_packages(PACKAGES, "the container tests")
+    env = podman_env()
+    run([REPO / "deploy/container/base-image.sh", BASE], env=env, timeout=900)
+    make = ["make", "-C", REPO, "image", f"IMAGE={IMAGE}", f"BASE={BASE}"]
+    if CA_BUNDLE.is_file():  # registries behind an intercepting proxy (this machine): the host's CA bundle
+        make.append(f"CA_BUNDLE={CA_BUNDLE}")
+    run(make, env=env, timeout=1500)
+    return IMAGE
+
+
+def podman(*args: str | os.PathLike, timeout: float = 120) -> str:
+    return run(["podman", *args], env=podman_env(), timeout=timeout).stdout
+
+
+def test_kdq_help_in_the_container(image):
+    out = podman("run", "--rm", "--network=none", image, "kdq", "--help")
+    assert "distill" in out and "export" in out
+    assert "Usage: kdq" in podman("run", "--rm", "--network=none", image)  # the default command
+    assert podman("run", "--rm", "--network=none", image, "id", "-u").strip() == "1000"  # not root
+
+
+@pytest.fixture(scope="module")
+def trained(image, tmp_path_factory) -> Path:
+    """A tiny demo-preset QAT training inside the container, writing to a bind-mounted folder."""
+    runs = tmp_path_factory.mktemp("container-runs")
+    runs.chmod(0o777)  # the container runs as uid 1000
+    podman(
+        "run", "--rm", "--network=none", "--cpus=2", "--memory=6g", "-v", f"{runs}:/workspace/runs", image,
+        "kdq", "distill", "--preset", "demo", "--epochs", "1", "--batch-size", "64", "--alpha", "0", "--qat",
+        "--device", "cpu", "--run-dir", "runs/demo", timeout=900,
+    )  # fmt: skip
+    return runs
+
+
+def test_tiny_training_in_the_container(trained):
+    checkpoint = assert_checkpoint(trained / "demo")
+    assert checkpoint.parent.name == "student_qat"
+
+
+@pytest.fixture(scope="module")
+def docker_host(image, tmp_path_factory):
+    """podman's Docker-compatible API on a unix socket, the service in its own loopback-only namespace."""
+    socket = Path(f"/run/kdq-podman-{os.getpid()}.sock")
+    with netns("kdq-podman") as ns:
+        log = (tmp_path_factory.mktemp("podman-service") / "service.log").open("w")
+        argv = in_netns(ns, ["podman", "system", "service", "--time=0", f"unix://{socket}"])
+        service = subprocess.Popen(argv, env=podman_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while not socket.exists():
+                need(service.poll() is None, "podman system service exited: see its log")
+                assert time.monotonic() < deadline, "podman system service did not open its socket"
+                time.sleep(0.2)
+            yield f"unix://{socket}"
+        finally:
+            service.terminate()
+            try:
+                service.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                service.kill()
+            socket.unlink(missing_ok=True)
+
+
+def test_local_docker_through_the_podman_socket(docker_host, trained, tmp_path):
+    """`torchx run -s local_docker components.py:export` on the checkpoint trained in the container."""
+    env = podman_env(DOCKER_HOST=docker_host)
+    out = run(
+        [VENV_BIN / "torchx", "run", "-s", "local_docker", "--workspace", "", "components.py:export",
+         "--image", IMAGE, "--checkpoint", "/workspace/runs/demo/student_qat/checkpoint.pt",
+         "--mounts", f"type=bind,src={trained},dst=/workspace/runs", "--latency_runs", "1"],
+        cwd=REPO, env=env, timeout=900,
+    ).stdout  # fmt: skip
+    assert "Job finished: SUCCEEDED" in out, out[-3000:]
+    handle = re.search(r"local_docker://torchx/[\w-]+", out).group(0)
+    export_dir = trained / "demo" / "export-x86"
+    assert (export_dir / "model.pt").is_file() and (export_dir / "model.onnx").is_file(), list(export_dir.iterdir())
+    status = run([VENV_BIN / "torchx", "status", handle], env=env, timeout=60).stdout
+    assert "State: SUCCEEDED" in status, status
+    logs = run([VENV_BIN / "torchx", "log", handle], env=env, timeout=60).stdout
+    assert "export/0" in logs, logs[-2000:]
