@@ -4,7 +4,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen
 PRESET ?= demo
 
-.PHONY: setup demo test lint format bench clean help
+.PHONY: setup demo test lint format bench clean help train-remote image services
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -29,3 +29,26 @@ format: setup  ## Apply ruff's fixes and formatting
 
 clean:  ## Remove run outputs (keeps .venv)
 	rm -rf runs
+
+# Launch anywhere (TorchX, components.py): README "Run on a cluster". The same job on each scheduler, e.g.
+#   make train-remote SCHEDULER=local_cwd COMPONENT=distill ARGS="--epochs 1 -j 1x2"
+#   make train-remote SCHEDULER=kubernetes IMAGE=registry.example.com/ml/kdq:0.1.0 ARGS="-j 2x1 ..."
+SCHEDULER ?= local_cwd
+COMPONENT ?= distill
+ARGS ?=
+IMAGE ?= localhost/kdq:latest
+CONTAINER_SCHEDULERS := kubernetes local_docker
+comma := ,
+ENGINE := $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+
+train-remote: setup  ## torchx run components.py:COMPONENT (distill) -s SCHEDULER (local_cwd, slurm, kubernetes, local_docker) ARGS=...
+	$(RUN) torchx run -s $(SCHEDULER) $(if $(filter $(CONTAINER_SCHEDULERS),$(SCHEDULER)),--workspace "") \
+		components.py:$(COMPONENT) $(if $(filter $(CONTAINER_SCHEDULERS),$(SCHEDULER)),--image $(IMAGE)) $(ARGS)
+
+image:  ## Build IMAGE (localhost/kdq:latest) with podman or docker; BASE=image with Python 3.11, CA_BUNDLE=file
+	@test -n "$(ENGINE)" || { echo "make image: install podman or docker" >&2; exit 1; }
+	$(ENGINE) build --network=host $(if $(BASE),--build-arg BASE=$(BASE)) \
+		$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE)) -t $(IMAGE) .
+
+services:  ## Start (ACTION=stop: stop) the single-machine Slurm cluster of deploy/slurm (root)
+	deploy/slurm/local-cluster.sh $(or $(ACTION),start)
