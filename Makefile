@@ -36,13 +36,14 @@ clean:  ## Remove run outputs (keeps .venv)
 SCHEDULER ?= local_cwd
 COMPONENT ?= distill
 ARGS ?=
+TORCHX_RUN_FLAGS ?= --wait  # flags of `torchx run` itself, e.g. --dryrun, --log, -cfg partition=gpu
 IMAGE ?= localhost/kdq:latest
 CONTAINER_SCHEDULERS := kubernetes local_docker
 comma := ,
 ENGINE := $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
 
 train-remote: setup  ## torchx run components.py:COMPONENT (distill) -s SCHEDULER (local_cwd, slurm, kubernetes, local_docker) ARGS=...
-	$(RUN) torchx run -s $(SCHEDULER) $(if $(filter $(CONTAINER_SCHEDULERS),$(SCHEDULER)),--workspace "") \
+	$(RUN) torchx run -s $(SCHEDULER) $(TORCHX_RUN_FLAGS) $(if $(filter $(CONTAINER_SCHEDULERS),$(SCHEDULER)),--workspace "") \
 		components.py:$(COMPONENT) $(if $(filter $(CONTAINER_SCHEDULERS),$(SCHEDULER)),--image $(IMAGE)) $(ARGS)
 
 image:  ## Build IMAGE (localhost/kdq:latest) with podman or docker; BASE=image with Python 3.11, CA_BUNDLE=file
