@@ -1,0 +1,399 @@
+"""Edge deployment (deploy/edge): the torch-free Python runtime and the C++ apps, installed, built and run
+for real on the smoke export, and checked against kdq's PyTorch int8 predictions on the same image files.
+
+- The Python runtime runs in its own venv (uv venv + uv pip install deploy/edge/python) without torch.
+- The C++ apps are built by deploy/edge/cpp/build.sh into build/edge-cpp (gitignored, reused between runs).
+- Reference: kdq's int8 model on the training preprocessing of each file (PIL convert("RGB") → resize 32x32
+  bilinear → kdq.data.Normalize), batch 1, like the apps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGE_PY = ROOT / "deploy" / "edge" / "python"
+BUILD_SH = ROOT / "deploy" / "edge" / "cpp" / "build.sh"
+CPP_BUILD = ROOT / "build" / "edge-cpp"
+EXIT_OK, EXIT_IMAGES, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
+
+
+def run(cmd: list, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def uv() -> list[str]:
+    exe = shutil.which("uv")
+    return [exe] if exe else [sys.executable, "-m", "uv"]
+
+
+def write_pnm(path: Path, pixels: np.ndarray) -> Path:
+    """P5 for (H, W) uint8, P6 for (H, W, 3) uint8."""
+    h, w = pixels.shape[:2]
+    magic = "P5" if pixels.ndim == 2 else "P6"
+    path.write_bytes(f"{magic}\n# kdq test image\n{w} {h}\n255\n".encode() + pixels.astype(np.uint8).tobytes())
+    return path
+
+
+def training_pixels(path: Path) -> torch.Tensor:
+    """uint8 (3, 32, 32): exactly kdq.data._read_folder's decoding of an image file."""
+    with Image.open(path) as im:
+        im = im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+def logits_of(doc: dict) -> np.ndarray:
+    return np.array([r["logits"] for r in doc["results"]], dtype=np.float32)
+
+
+def check_against_reference(logits: np.ndarray, ref: np.ndarray, gates: dict) -> None:
+    """ONNX Runtime int8 vs PyTorch int8, per the export's own parity gates: the same top-1 wherever PyTorch's
+    top-2 margin exceeds the confident margin (near-ties may flip, as in the certificate), logits within the
+    mean tolerance."""
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    confident = (top2[:, 1] - top2[:, 0]) > gates["ort_confident_margin"]
+    assert confident.sum() >= len(ref) // 2, "too few confident samples for a meaningful check"
+    same = logits.argmax(1) == ref.argmax(1)
+    assert same[confident].all(), f"top-1 differs on confident samples {np.flatnonzero(confident & ~same)}"
+    assert np.abs(logits - ref).mean() <= gates["ort_mean_abs_logit_max"]
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def export_dir(smoke_run: Path) -> Path:
+    out = smoke_run / "export-x86"
+    assert (out / "manifest.json").is_file(), f"the smoke pipeline wrote no export in {out}"
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"], f"the smoke export failed its parity gates: {out / 'parity.md'}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def gates(export_dir: Path) -> dict:
+    return json.loads((export_dir / "manifest.json").read_text())["target"]["gates"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, digits) -> dict:
+    """Real digits in the shapes an app meets: grayscale, RGB up/downscaled to odd sizes, tinted, palette,
+    opaque RGBA, noise. Each as PNG (Python runtime, reference) and PPM/PGM (C++ apps), same pixels."""
+    folder = tmp_path_factory.mktemp("edge-images")
+    png, pnm = folder / "png", folder / "pnm"
+    png.mkdir()
+    pnm.mkdir()
+    rng = np.random.default_rng(0)
+    sources = []
+    for i, chw in enumerate(digits.test.images[:16].numpy()):
+        rgb = chw.transpose(1, 2, 0)
+        kind = i % 4
+        if kind == 0:
+            sources.append(Image.fromarray(rgb[:, :, 0], "L"))
+        elif kind == 1:
+            sources.append(Image.fromarray(rgb).resize((64, 64), Image.Resampling.BICUBIC))
+        elif kind == 2:
+            sources.append(Image.fromarray(rgb).resize((45, 37), Image.Resampling.NEAREST))
+        else:
+            tint = (rgb * np.array([1.0, 0.8, 0.6])).astype(np.uint8)
+            sources.append(Image.fromarray(tint).resize((20, 27), Image.Resampling.LANCZOS))
+    sources.append(Image.fromarray(digits.test.images[16, 0].numpy(), "L").convert("P"))
+    sources.append(Image.fromarray(digits.test.images[17].numpy().transpose(1, 2, 0)).convert("RGBA"))
+    sources.append(Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)))
+    pngs, pnms = [], []
+    for i, im in enumerate(sources):
+        pngs.append(png / f"{i:02d}.png")
+        im.save(pngs[-1])
+        pixels = np.asarray(im) if im.mode == "L" else np.asarray(im.convert("RGB"))
+        pnms.append(write_pnm(pnm / f"{i:02d}.{'pgm' if im.mode == 'L' else 'ppm'}", pixels))
+    # Transparent pixels: refused unless --alpha drop.
+    rgba = np.dstack([digits.test.images[18].numpy().transpose(1, 2, 0), np.full((32, 32), 255, np.uint8)])
+    rgba[:8, :8, 3] = 0
+    transparent = folder / "transparent.png"
+    Image.fromarray(rgba, "RGBA").save(transparent)
+    return {"png": pngs, "pnm": pnms, "folder": png, "transparent": transparent, "modes": [s.mode for s in sources]}
+
+
+@pytest.fixture(scope="module")
+def reference(smoke_run: Path, images: dict) -> dict:
+    """kdq's PyTorch int8 logits, batch 1, on the training preprocessing of each PNG (+ the transparent one)."""
+    from kdq.checkpoint import load_checkpoint
+    from kdq.data import Normalize
+    from kdq.quant import int8_model
+
+    ckpt = load_checkpoint(smoke_run / "student_qat" / "checkpoint.pt")
+    model = int8_model(ckpt)
+    norm = Normalize(**ckpt["normalization"])
+    paths = [*images["png"], images["transparent"]]
+    x = norm(torch.stack([training_pixels(p) for p in paths])).contiguous()
+    with torch.no_grad():
+        logits = torch.cat([model(x[i : i + 1]) for i in range(len(x))]).numpy()
+    return {"logits": logits[:-1], "transparent": logits[-1], "inputs": x.numpy()}
+
+
+@pytest.fixture(scope="module")
+def edge_venv(tmp_path_factory) -> Path:
+    """A venv with only deploy/edge/python and its dependencies (same onnxruntime/numpy/pillow versions as
+    kdq's environment, so the same ONNX Runtime library runs in both)."""
+    venv = tmp_path_factory.mktemp("edge-venv") / "venv"
+    r = run([*uv(), "venv", "-q", "--python", sys.executable, venv])
+    assert r.returncode == 0, r.stderr
+    pins = [f"{p}=={version(p)}" for p in ("onnxruntime", "numpy", "pillow")]
+    r = run([*uv(), "pip", "install", "-q", "--python", venv / "bin" / "python", EDGE_PY, *pins])
+    assert r.returncode == 0, r.stderr
+    return venv
+
+
+@pytest.fixture(scope="module")
+def kdq_edge(edge_venv: Path) -> Path:
+    return edge_venv / "bin" / "kdq-edge"
+
+
+@pytest.fixture(scope="module")
+def cpp_apps() -> Path:
+    """deploy/edge/cpp/build.sh into build/edge-cpp (incremental); installs cmake/g++ with apt if missing."""
+    missing = [pkg for tool, pkg in (("cmake", "cmake"), ("c++", "g++")) if shutil.which(tool) is None]
+    if missing:
+        assert shutil.which("apt-get") and os.geteuid() == 0, f"install {' '.join(missing)} to build the C++ apps"
+        assert run(["apt-get", "update", "-qq"]).returncode == 0
+        r = run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], timeout=600)
+        assert r.returncode == 0, r.stderr
+    r = run(["bash", BUILD_SH, CPP_BUILD], timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return CPP_BUILD
+
+
+@pytest.fixture
+def tampered(export_dir: Path, tmp_path: Path):
+    """A copy of the export with one byte of the named artifact flipped."""
+
+    def make(name: str) -> Path:
+        copy = tmp_path / "export"
+        shutil.copytree(export_dir, copy)
+        data = bytearray((copy / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (copy / name).write_bytes(bytes(data))
+        return copy
+
+    return make
+
+
+@pytest.fixture
+def no_manifest(export_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    (copy / "manifest.json").unlink()
+    return copy
+
+
+# ------------------------------------------------------------------------------------ Python runtime
+
+
+def test_runtime_installs_and_runs_without_torch(edge_venv: Path, export_dir: Path, images: dict):
+    py = edge_venv / "bin" / "python"
+    r = run([py, "-c", "import torch"])
+    assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+    probe = (
+        "import sys, json, importlib.metadata as md, kdq_edge, kdq_edge.cli;"
+        f"m = kdq_edge.load_model({str(export_dir)!r}); m.classify_paths([{str(images['png'][0])!r}]);"
+        "print(json.dumps({'mods': sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'kdq')),"
+        " 'requires': md.requires('kdq-edge')}))"
+    )
+    r = run([py, "-c", probe])
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["mods"] == []  # neither torch nor kdq was imported
+    assert sorted(re.split(r"[<>=\s]", req)[0] for req in doc["requires"]) == ["numpy", "onnxruntime", "pillow"]
+
+
+def test_python_runtime_matches_kdq(kdq_edge: Path, export_dir: Path, images: dict, reference: dict, gates: dict):
+    r = run([kdq_edge, "classify", "--model", export_dir, "--json", "--logits", "--batch-size", "1",
+             "--top-k", "3", *images["png"]])  # fmt: skip
+    assert r.returncode == EXIT_OK, r.stderr
+    doc = json.loads(r.stdout)
+    assert [res["path"] for res in doc["results"]] == [str(p) for p in images["png"]]
+    assert [res["mode"] for res in doc["results"]] == images["modes"]  # grayscale/palette/RGBA converted
+    logits = logits_of(doc)
+    check_against_reference(logits, reference["logits"], gates)
+
+    # Same numbers as kdq's own ONNX Runtime check (kdq.parity) fed with kdq's preprocessing: the runtime's
+    # torch-free preprocessing is bit-identical to training's.
+    from kdq.parity import ort_session
+
+    session = ort_session(export_dir / "model.onnx", 1)
+    ort = np.concatenate([session.run(None, {"input": x[None]})[0] for x in reference["inputs"]])
+    np.testing.assert_array_equal(logits, ort)
+
+    for res, row in zip(doc["results"], logits, strict=True):
+        probs = [t["probability"] for t in res["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
+        assert (
+            res["top"][0]["index"] == int(row.argmax())
+            and res["top"][0]["label"] == doc["model"]["classes"][int(row.argmax())]
+        )
+
+
+def test_python_runtime_folder_batch_with_progress(kdq_edge: Path, export_dir: Path, images: dict, reference):
+    r = run(
+        [kdq_edge, "classify", "--model", export_dir, images["folder"], "--batch-size", "4", "--progress", "-k", "1"]
+    )
+    assert r.returncode == EXIT_OK, r.stderr
+    assert re.search(rf"classify {len(images['png'])}/{len(images['png'])} \[=+\] 100%", r.stderr), r.stderr
+    lines = r.stdout.splitlines()
+    heads = [line.split()[0] for line in lines if not line.startswith(" ")]
+    assert heads == [str(p) for p in images["png"]]  # the folder, sorted, every image once
+    assert "(converted from L)" in lines[0]
+    labels = [line.split()[1] for line in lines if line.startswith("  1. ")]
+    classes = json.loads((export_dir / "manifest.json").read_text())["classes"]
+    ref_top1 = [classes[i] for i in reference["logits"].argmax(1)]
+    assert sum(a == b for a, b in zip(labels, ref_top1, strict=True)) >= len(labels) - 2  # near-ties may flip
+
+
+def test_python_runtime_refuses_tampered_model(kdq_edge: Path, tampered, images: dict):
+    r = run([kdq_edge, "classify", "--model", tampered("model.onnx"), images["png"][0]])
+    assert r.returncode == EXIT_MODEL
+    assert "model.onnx: sha256" in r.stderr and "does not match the manifest" in r.stderr and not r.stdout
+
+
+def test_python_runtime_needs_the_manifest(kdq_edge: Path, no_manifest: Path, tmp_path: Path, images: dict):
+    r = run([kdq_edge, "classify", "--model", no_manifest, images["png"][0]])
+    assert r.returncode == EXIT_MODEL and "no manifest.json" in r.stderr
+    r = run([kdq_edge, "classify", "--model", tmp_path / "nowhere", images["png"][0]])
+    assert r.returncode == EXIT_MODEL and "no such model folder" in r.stderr
+
+
+def test_python_runtime_bad_images(kdq_edge: Path, export_dir: Path, images: dict, reference: dict, tmp_path: Path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not an image")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(images["png"][5].read_bytes()[:60])
+    good = images["png"][1]
+    r = run([kdq_edge, "classify", "--model", export_dir, broken, good, truncated, tmp_path / "missing.png"])
+    assert r.returncode == EXIT_IMAGES
+    assert f"{broken}: cannot decode image" in r.stderr and f"{truncated}: cannot decode image" in r.stderr
+    assert f"{tmp_path / 'missing.png'}: no such file" in r.stderr
+    assert r.stdout.splitlines()[0] == str(good)  # the good image is still classified
+
+    r = run([kdq_edge, "classify", "--model", export_dir, "--json", images["transparent"]])
+    assert r.returncode == EXIT_IMAGES
+    doc = json.loads(r.stdout)
+    assert doc["results"] == [] and "transparent pixels" in doc["errors"][0] and "--alpha drop" in doc["errors"][0]
+
+    r = run(
+        [kdq_edge, "classify", "--model", export_dir, "--json", "--logits", "--alpha", "drop", images["transparent"]]
+    )
+    assert r.returncode == EXIT_OK, r.stderr
+    res = json.loads(r.stdout)["results"][0]
+    assert res["mode"] == "RGBA"
+    assert np.abs(np.float32(res["logits"]) - reference["transparent"]).mean() <= 0.1
+
+
+def test_to_ppm_writes_what_the_cpp_apps_read(kdq_edge: Path, images: dict, tmp_path: Path):
+    for i in (1, 17):  # RGB 64x64, opaque RGBA
+        out = tmp_path / f"{i}.ppm"
+        r = run([kdq_edge, "to-ppm", images["png"][i], out])
+        assert r.returncode == EXIT_OK, r.stderr
+        header, raster = out.read_bytes().split(b"\n", 3)[:3], out.read_bytes().split(b"\n", 3)[3]
+        assert header[0] == b"P6" and header[2] == b"255"
+        assert raster == images["pnm"][i].read_bytes().split(b"\n", 4)[4]  # same pixels as the test's writer
+
+
+# ---------------------------------------------------------------------------------------------- C++ apps
+
+
+def cpp(app: str, build: Path, *args) -> subprocess.CompletedProcess:
+    return run([build / app, *args])
+
+
+def test_cpp_torch_app_equals_kdq_int8(cpp_apps: Path, export_dir: Path, images: dict, reference: dict):
+    r = cpp("kdq-classify-torch", cpp_apps, "--model", export_dir, "--json", "--logits", *images["pnm"])
+    assert r.returncode == EXIT_OK, r.stderr
+    assert "warning" not in r.stderr.lower()
+    doc = json.loads(r.stdout)
+    assert [res["mode"] for res in doc["results"]] == ["L" if m == "L" else "RGB" for m in images["modes"]]
+    logits = logits_of(doc)
+    # TorchScript int8 == PyTorch int8 bit for bit (the export's torchscript_identical gate), through a
+    # from-scratch C++ PPM reader, Pillow-exact resize and normalization.
+    np.testing.assert_array_equal(logits, reference["logits"])
+    assert [res["top"][0]["index"] for res in doc["results"]] == reference["logits"].argmax(1).tolist()
+
+
+def test_cpp_ort_app_matches_kdq(cpp_apps: Path, kdq_edge: Path, export_dir: Path, images, reference, gates):
+    r = cpp("kdq-classify-ort", cpp_apps, "--model", export_dir, "--json", "--logits", *images["pnm"])
+    assert r.returncode == EXIT_OK, r.stderr
+    logits = logits_of(json.loads(r.stdout))
+    check_against_reference(logits, reference["logits"], gates)
+    # Same ONNX Runtime library as the Python runtime: identical numbers means identical preprocessing.
+    py = run([kdq_edge, "classify", "--model", export_dir, "--json", "--logits", "--batch-size", "1", *images["png"]])
+    np.testing.assert_array_equal(logits, logits_of(json.loads(py.stdout)))
+
+
+def test_cpp_resize_is_pillow_exact(cpp_apps: Path, export_dir: Path, tmp_path: Path):
+    """--dump-input writes the preprocessed tensor: compare it with Pillow + the manifest's normalization."""
+    m = json.loads((export_dir / "manifest.json").read_text())["preprocessing"]
+    mean = np.float32(m["mean"]).reshape(3, 1, 1)
+    std = np.float32(m["std"]).reshape(3, 1, 1)
+    rng = np.random.default_rng(1)
+    for h, w in ((150, 200), (33, 31), (7, 90), (32, 32), (5, 3), (1000, 17)):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ppm, dump = write_pnm(tmp_path / f"{h}x{w}.ppm", pixels), tmp_path / f"{h}x{w}.f32"
+        r = cpp("kdq-classify-ort", cpp_apps, "--model", export_dir, "--dump-input", dump, ppm)
+        assert r.returncode == EXIT_OK, r.stderr
+        small = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.Resampling.BILINEAR))
+        expected = (small.transpose(2, 0, 1).astype(np.float32) / np.float32(255) - mean) / std
+        np.testing.assert_array_equal(np.fromfile(dump, dtype=np.float32).reshape(3, 32, 32), expected)
+
+
+@pytest.mark.parametrize(("app", "artifact"), [("kdq-classify-torch", "model.pt"), ("kdq-classify-ort", "model.onnx")])
+def test_cpp_apps_refuse_bad_models(cpp_apps: Path, tampered, no_manifest: Path, images, app: str, artifact: str):
+    r = cpp(app, cpp_apps, "--model", tampered(artifact), images["pnm"][0])
+    assert r.returncode == EXIT_MODEL
+    assert f"{artifact}: sha256" in r.stderr and "does not match the manifest" in r.stderr and not r.stdout
+    r = cpp(app, cpp_apps, "--model", no_manifest, images["pnm"][0])
+    assert r.returncode == EXIT_MODEL and "no manifest.json" in r.stderr
+    r = cpp(app, cpp_apps, images["pnm"][0])
+    assert r.returncode == EXIT_USAGE and "--model DIR is required" in r.stderr
+
+
+def test_cpp_apps_bad_images(cpp_apps: Path, export_dir: Path, images: dict, tmp_path: Path):
+    truncated = tmp_path / "truncated.ppm"
+    truncated.write_bytes(images["pnm"][1].read_bytes()[:500])
+    deep = tmp_path / "deep.pgm"
+    deep.write_bytes(b"P5\n4 4\n65535\n" + bytes(32))
+    garbage = tmp_path / "garbage.ppm"
+    garbage.write_bytes(b"GIF89a...")
+    good = images["pnm"][2]
+    for app in ("kdq-classify-torch", "kdq-classify-ort"):
+        r = cpp(app, cpp_apps, "--model", export_dir, images["png"][0], truncated, good, deep, garbage)
+        assert r.returncode == EXIT_IMAGES, r.stderr
+        assert f"{images['png'][0]}: cannot decode image (PNG; this app reads PPM/PGM only" in r.stderr
+        assert f"{truncated}: cannot decode image (truncated" in r.stderr
+        assert f"{deep}: cannot decode image (maxval 65535" in r.stderr
+        assert f"{garbage}: cannot decode image (not a PPM" in r.stderr
+        assert r.stdout.splitlines()[0] == str(good)  # the good image is still classified
+
+
+def test_latency_benchmarks_run(cpp_apps: Path, kdq_edge: Path, export_dir: Path, images: dict):
+    """The commands behind the README's latency table (batch 1, 1 thread) report positive per-image times."""
+    for app in ("kdq-classify-torch", "kdq-classify-ort"):
+        r = cpp(app, cpp_apps, "--model", export_dir, "--bench", "20", "--threads", "1", images["pnm"][1])
+        assert r.returncode == EXIT_OK, r.stderr
+        bench = re.search(r"model_ms ([\d.]+)\s+end_to_end_ms ([\d.]+)", r.stderr)
+        assert bench and 0 < float(bench[1]) <= float(bench[2]) * 1.5, r.stderr
+    r = run([kdq_edge, "bench", "--model", export_dir, "--runs", "20", "--image", images["png"][1], "--json"])
+    assert r.returncode == EXIT_OK, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["threads"] == 1 and doc["batch"] == 1 and 0 < doc["model_ms"] and 0 < doc["end_to_end_ms"]
