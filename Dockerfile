@@ -4,17 +4,14 @@
 #   podman run --rm -v "$PWD/runs:/workspace/runs" kdq distill --preset demo --epochs 1
 #
 # BASE must have Python 3.11 with venv. Defaults to the slim Python image; for GPU clusters a CUDA
-# runtime base works too (PyTorch's wheels bring their own CUDA libraries; the base brings the driver
-# glue), e.g. --build-arg BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 plus python3.11 (see
-# deploy/kubernetes/README.md). Without a registry: deploy/container/base-image.sh builds a Debian one.
+# runtime base works too (PyTorch's wheels bring their own CUDA libraries), see deploy/kubernetes/README.md.
+# Without a registry: deploy/container/base-image.sh builds a Debian one (what CI uses).
 ARG BASE=python:3.11-slim-bookworm
 
+# Stage 1: uv, and kdq built as a wheel.
 FROM ${BASE} AS builder
 ARG UV_VERSION=0.13.9
-ENV UV_COMPILE_BYTECODE=1 \
-    UV_LINK_MODE=copy \
-    UV_PYTHON_DOWNLOADS=never \
-    UV_PROJECT_ENVIRONMENT=/opt/kdq \
+ENV UV_PYTHON_DOWNLOADS=never \
     UV_SYSTEM_CERTS=1
 WORKDIR /src
 # An optional CA bundle for registries behind an intercepting proxy:
@@ -23,26 +20,33 @@ RUN --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi \
     && python3 -m venv /opt/uv \
     && /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"
-# The dependencies (one big layer, cached while uv.lock is unchanged), then kdq as a wheel.
 COPY pyproject.toml uv.lock README.md ./
-RUN --mount=type=cache,target=/root/.cache/uv \
-    --mount=type=secret,id=ca,required=false \
-    if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
-    && /opt/uv/bin/uv sync --frozen --no-dev --no-install-project
 COPY kdq ./kdq
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
     && /opt/uv/bin/uv build --wheel --out-dir /dist
 
+# Stage 2: the runtime. The locked dependencies are installed straight into it (one big layer, cached
+# while uv.lock is unchanged: no second copy of it), then kdq's wheel in a small layer of its own.
 FROM ${BASE}
 LABEL org.opencontainers.image.title="kdq" \
       org.opencontainers.image.description="Distill a big image classifier into a small int8 model"
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/kdq \
+    UV_SYSTEM_CERTS=1
 RUN useradd --create-home --uid 1000 --user-group kdq \
     && mkdir -p /workspace /data \
     && chown kdq:kdq /workspace /data
-COPY --from=builder /opt/kdq /opt/kdq
-# kdq itself in its own small layer: a code change does not copy the dependencies again.
+RUN --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=secret,id=ca,required=false \
+    --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
+    --mount=type=bind,source=pyproject.toml,target=/src/pyproject.toml \
+    --mount=type=bind,source=uv.lock,target=/src/uv.lock \
+    if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
+    && /opt/uv/bin/uv sync --directory /src --frozen --no-dev --no-install-project
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
     --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
     /opt/uv/bin/uv pip install --python /opt/kdq/bin/python --no-deps --no-cache --offline /dist/kdq-*.whl

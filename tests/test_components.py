@@ -15,7 +15,7 @@ from torchx import specs
 from torchx.components import dist
 from torchx.components.component_test_base import ComponentTestCase
 
-from tests.launch_support import REPO, assert_checkpoint, in_netns, need_root_linux, netns, run
+from tests.launch_support import REPO, VENV_BIN, assert_checkpoint, in_netns, need_root_linux, netns, run
 
 spec = importlib.util.spec_from_file_location("kdq_components", REPO / "components.py")
 components = importlib.util.module_from_spec(spec)
@@ -34,12 +34,12 @@ class TestTorchXValidates(ComponentTestCase):
 
 
 def test_help_shows_the_docstring():
-    out = run([REPO / ".venv/bin/torchx", "run", "components.py:distill", "--help"], cwd=REPO, timeout=60).stdout
+    out = run([VENV_BIN / "torchx", "run", "components.py:distill", "--help"], cwd=REPO, timeout=60).stdout
     assert "Distil the student from the teacher" in out
     assert "--qat" in out and "quantization-aware training" in out
     assert re.search(r"-j str, --j str +\{nnodes\}x\{nproc_per_node\}", out)
     for name in NAMES:
-        out = run([REPO / ".venv/bin/torchx", "run", f"components.py:{name}", "--help"], cwd=REPO, timeout=60).stdout
+        out = run([VENV_BIN / "torchx", "run", f"components.py:{name}", "--help"], cwd=REPO, timeout=60).stdout
         assert "--image" in out and "--memMB" in out and "--env" in out and "--max_retries" in out
 
 
@@ -123,7 +123,7 @@ def test_pipeline_runs_every_stage_in_order_and_writes_shared_files_once():
 
 # ---------------------------------------------------------------------------------------------- real runs
 def _torchx_run(cwd: Path, *args: str, timeout: float = 900) -> str:
-    out = run([REPO / ".venv/bin/torchx", "run", *args], cwd=cwd, timeout=timeout).stdout
+    out = run([VENV_BIN / "torchx", "run", *args], cwd=cwd, timeout=timeout).stdout
     assert "Job finished: SUCCEEDED" in out, out[-3000:]
     return out
 
@@ -143,7 +143,7 @@ def test_local_cwd_ddp_1x2(tmp_path):
     need_root_linux("the DDP test's loopback-only network namespace")
     run_dir = tmp_path / "run"
     with netns() as ns:
-        argv = [REPO / ".venv/bin/torchx", "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}"]
+        argv = [VENV_BIN / "torchx", "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}"]
         argv += ["components.py:distill", "-j", "1x2", *TRAIN_ARGS, "--run_dir", str(run_dir)]
         out = run(in_netns(ns, argv), cwd=REPO, timeout=900).stdout
     assert "Job finished: SUCCEEDED" in out, out[-3000:]

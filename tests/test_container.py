@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +20,8 @@ from tests.launch_support import (
     VENV_BIN,
     assert_checkpoint,
     ensure_packages,
-    in_netns,
     job_env,
-    need,
     need_root_linux,
-    netns,
     run,
 )
 
@@ -90,27 +85,16 @@ def test_tiny_training_in_the_container(trained):
 
 
 @pytest.fixture(scope="module")
-def docker_host(image, tmp_path_factory):
-    """podman's Docker-compatible API on a unix socket, the service in its own loopback-only namespace."""
-    socket = Path(f"/run/kdq-podman-{os.getpid()}.sock")
-    with netns("kdq-podman") as ns:
-        log = (tmp_path_factory.mktemp("podman-service") / "service.log").open("w")
-        argv = in_netns(ns, ["podman", "system", "service", "--time=0", f"unix://{socket}"])
-        service = subprocess.Popen(argv, env=podman_env(), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while not socket.exists():
-                need(service.poll() is None, "podman system service exited: see its log")
-                assert time.monotonic() < deadline, "podman system service did not open its socket"
-                time.sleep(0.2)
-            yield f"unix://{socket}"
-        finally:
-            service.terminate()
-            try:
-                service.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                service.kill()
-            socket.unlink(missing_ok=True)
+def docker_host(image):
+    """podman's Docker-compatible API on a unix socket, served from its own loopback-only namespace."""
+    script = REPO / "deploy/container/docker-socket.sh"
+    env = podman_env(KDQ_PODMAN_SOCKET="/run/kdq-podman-test.sock", KDQ_PODMAN_NETNS="kdq-podman-test")
+    try:
+        out = run([script, "start"], env=env, timeout=120).stdout
+        yield re.search(r"DOCKER_HOST=(\S+)", out).group(1)
+    finally:
+        run([script, "stop"], env=env, timeout=120, check=False)
+        assert not Path("/run/kdq-podman-test.pid").exists() and not Path("/run/netns/kdq-podman-test").exists()
 
 
 def test_local_docker_through_the_podman_socket(docker_host, trained, tmp_path):

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.launch_support import REPO, assert_checkpoint, job_env, need_root_linux, run
+from tests.launch_support import REPO, VENV_BIN, assert_checkpoint, job_env, need_root_linux, run
 
 KIT = REPO / "deploy/slurm/local-cluster.sh"
 TRAIN_ARGS = ["--preset", "demo", "--epochs", "1", "--batch_size", "64", "--alpha", "0", "--device", "cpu"]
@@ -41,7 +41,7 @@ def slurm(tmp_path_factory):
 
 
 def torchx(slurm_env, cwd, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return run([KIT, "exec", REPO / ".venv/bin/torchx", *args], cwd=cwd, env=slurm_env, timeout=timeout)
+    return run([KIT, "exec", VENV_BIN / "torchx", *args], cwd=cwd, env=slurm_env, timeout=timeout)
 
 
 def test_distill_2x1_on_slurm(slurm, tmp_path):
