@@ -94,8 +94,8 @@ PRESETS: dict[str, Preset] = {
         teacher="mobilenet_v2",
         student_width=0.35,
         teacher_optim=Optim(epochs=3, lr=0.1, batch_size=64),
-        student_optim=Optim(epochs=4, lr=0.1, batch_size=64),
-        quant=Quant(calibration_batches=4, qat_optim=Optim(epochs=2, lr=0.01, batch_size=64, schedule="cosine")),
+        student_optim=Optim(epochs=6, lr=0.1, batch_size=64),
+        quant=Quant(calibration_batches=4, qat_optim=Optim(epochs=3, lr=0.01, batch_size=64, schedule="cosine")),
         augment=Augment(crop_padding=2, flip=False),
     ),
     # The seed project's recipe: ResNet-152 teacher 50 epochs, MobileNetV2 student 20 epochs.

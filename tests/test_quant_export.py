@@ -1,0 +1,162 @@
+"""PTQ and QAT-KD to int8, and the export stage that certifies TorchScript and ONNX artifacts."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdq import checkpoint as ck
+from kdq.cli import main
+from kdq.data import Normalize
+from kdq.evaluate import predict_logits
+from kdq.export import ExportError, Target, export, load_target
+from kdq.quant import QUANTIZATION, float_reference, int8_model
+from kdq.recipes import RunOptions, quantize_static
+
+PARITY_ONLY = {  # the x86 gates without the timing ones: parity must hold on any machine load
+    k: v for k, v in load_target("x86").gates.items() if not k.endswith("_ratio_vs_torchscript") and "fp32" not in k
+}
+
+
+def accuracy(model, ckpt, data):
+    logits = predict_logits(model, data.test.images, Normalize(**ckpt[ck.NORMALIZATION]))
+    return (logits.argmax(1) == data.test.labels).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def ptq(smoke_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ptq") / "checkpoint.pt"
+    return quantize_static(smoke_run / "student" / "checkpoint.pt", out, RunOptions(), batches=8)
+
+
+def test_qat_kd_student_converts_to_int8_and_keeps_accuracy(smoke_run, digits):
+    ckpt = ck.load_checkpoint(smoke_run / "student_qat" / "checkpoint.pt")
+    assert ckpt[QUANTIZATION]["mode"] == "qat" and ckpt["history"][0]["train_soft_loss"] > 0  # KD drove QAT
+    int8 = int8_model(ckpt)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.modules())
+    fp32 = float_reference(ckpt)  # the KD student QAT started from
+    assert accuracy(int8, ckpt, digits) >= accuracy(fp32, ckpt, digits) - 0.03
+
+
+def test_ptq_converts_to_int8_and_keeps_accuracy(ptq, smoke_run, digits):
+    ckpt = ck.load_checkpoint(ptq)
+    assert ckpt[QUANTIZATION] | {"mode": "ptq", "backend": "x86"} == ckpt[QUANTIZATION]
+    float_ckpt = ck.load_checkpoint(smoke_run / "student" / "checkpoint.pt")
+    float_acc = accuracy(ck.model_from_checkpoint(float_ckpt), float_ckpt, digits)
+    assert accuracy(int8_model(ckpt), ckpt, digits) >= float_acc - 0.03
+    assert ckpt[ck.MODEL]["features.0.0.weight"].dtype == torch.float32  # prepared state: loads weights_only
+
+
+def test_pipeline_export_is_certified(smoke_run):
+    folder = smoke_run / "export-x86"
+    parity = json.loads((folder / "parity.json").read_text())
+    assert parity["passed"] and parity["test_samples"] == 360
+    assert parity["agreement"]["torchscript"]["identical"]
+    assert parity["agreement"]["onnxruntime"]["top1_agreement"] >= 0.99
+    assert parity["ort_int8_kernels"].get("QLinearConv", 0) > 40  # ORT really runs int8 convolutions
+    runtimes = {(r["runtime"], r["precision"]) for r in parity["latency"]}
+    assert runtimes == {(rt, p) for rt in ("pytorch", "torchscript", "onnxruntime") for p in ("fp32", "int8")}
+    assert "PASSED" in (folder / "parity.md").read_text()
+
+
+def test_manifest_records_hashes_and_preprocessing(smoke_run):
+    folder = smoke_run / "export-x86"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for art in manifest["artifacts"].values():
+        assert hashlib.sha256((folder / art["file"]).read_bytes()).hexdigest() == art["sha256"]
+    ckpt = ck.load_checkpoint(smoke_run / "student_qat" / "checkpoint.pt")
+    pre = manifest["preprocessing"]
+    assert pre["mean"] == ckpt[ck.NORMALIZATION]["mean"] and pre["std"] == ckpt[ck.NORMALIZATION]["std"]
+    assert pre["size"] == [32, 32] and manifest["classes"] == ckpt[ck.CLASSES]
+    assert (
+        manifest["source"]["sha256"]
+        == hashlib.sha256((smoke_run / "student_qat" / "checkpoint.pt").read_bytes()).hexdigest()
+    )
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime"}
+
+
+FRESH_PROCESS = """
+import sys, numpy as np, torch, onnxruntime as ort
+folder, x = sys.argv[1], np.load(sys.argv[2])
+ts = torch.jit.load(folder + "/model.pt")(torch.from_numpy(x)).numpy()
+ox = ort.InferenceSession(folder + "/model.onnx", providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+np.save(sys.argv[3], ts); np.save(sys.argv[4], ox)
+"""
+
+
+def test_artifacts_load_in_a_fresh_process_and_agree(smoke_run, digits, tmp_path):
+    ckpt = ck.load_checkpoint(smoke_run / "student_qat" / "checkpoint.pt")
+    x = Normalize(**ckpt[ck.NORMALIZATION])(digits.test.images).contiguous()
+    np.save(tmp_path / "x.npy", x.numpy())
+    args = [str(smoke_run / "export-x86"), *(str(tmp_path / f) for f in ("x.npy", "ts.npy", "ort.npy"))]
+    subprocess.run([sys.executable, "-c", FRESH_PROCESS, *args], check=True, timeout=300)
+    with torch.no_grad():
+        ref = int8_model(ckpt)(x).numpy()
+    assert np.array_equal(np.load(tmp_path / "ts.npy"), ref)
+    ort = np.load(tmp_path / "ort.npy")
+    assert (ort.argmax(1) == ref.argmax(1)).mean() >= 0.99 and np.abs(ort - ref).mean() <= 0.1
+
+
+def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    import kdq.export as ex
+
+    real = ex.export_onnx
+
+    def export_then_corrupt(model, path, opset, image_size=32):
+        real(model, path, opset, image_size)
+        m = onnx.load(str(path))
+        for init in m.graph.initializer:  # the first int8 conv weight: scramble it
+            if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 4:
+                w = numpy_helper.to_array(init)
+                init.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(w.ravel()).reshape(w.shape),
+                                                      init.name))  # fmt: skip
+                break
+        onnx.save(m, str(path))
+
+    monkeypatch.setattr(ex, "export_onnx", export_then_corrupt)
+    out = tmp_path / "export"
+    target = Target("x86-parity", "x86", ["torchscript", "onnx"], 17, PARITY_ONLY, {"batch_sizes": [1], "threads": [1]})
+    with pytest.raises(ExportError, match="parity gates failed: .*ort_top1_agreement"):
+        export(smoke_run / "student_qat" / "checkpoint.pt", out, target, latency_runs=2)
+    assert not out.exists()  # nothing half-certified at the output path
+    report = json.loads((tmp_path / "export.rejected" / "parity.json").read_text())
+    failed = {c["name"] for c in report["checks"] if not c["passed"]}
+    assert "ort_top1_agreement" in failed and "torchscript_identical" not in failed
+
+
+def test_qnnpack_target_exports_too(smoke_run, tmp_path):
+    src = smoke_run / "student" / "checkpoint.pt"
+    runner = CliRunner()
+    r = runner.invoke(main, ["quantize", str(src), "--backend", "qnnpack", "--calibration-batches", "8",
+                             "--out", str(tmp_path / "q.pt")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["export", str(tmp_path / "q.pt"), "--target", "arm", "--out", str(tmp_path / "arm"),
+                             "--latency-runs", "3"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "arm" / "manifest.json").read_text())
+    assert manifest["target"]["backend"] == "qnnpack" and manifest["quantization"]["backend"] == "qnnpack"
+    assert json.loads((tmp_path / "arm" / "parity.json").read_text())["passed"]
+
+
+def test_export_refuses_float_and_mismatched_checkpoints(smoke_run, ptq, tmp_path):
+    r = CliRunner().invoke(main, ["export", str(smoke_run / "student" / "checkpoint.pt"), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "is a float checkpoint" in r.output and not (tmp_path / "e").exists()
+    r = CliRunner().invoke(main, ["export", str(ptq), "--target", "arm", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "quantized for x86" in r.output
+
+
+def test_existing_export_needs_overwrite(smoke_run, tmp_path):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export(smoke_run / "student_qat" / "checkpoint.pt", out, load_target("x86"), verify=False)
+    assert (out / "keep").read_text() == "x"
