@@ -40,13 +40,13 @@ ENV UV_COMPILE_BYTECODE=1 \
 RUN useradd --create-home --uid 1000 --user-group kdq \
     && mkdir -p /workspace /data \
     && chown kdq:kdq /workspace /data
+# Copied (not bind-mounted) so that a change of the lock invalidates the layer's cache.
+COPY pyproject.toml uv.lock /opt/kdq-lock/
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=secret,id=ca,required=false \
     --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
-    --mount=type=bind,source=pyproject.toml,target=/src/pyproject.toml \
-    --mount=type=bind,source=uv.lock,target=/src/uv.lock \
     if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
-    && /opt/uv/bin/uv sync --directory /src --frozen --no-dev --no-install-project
+    && /opt/uv/bin/uv sync --directory /opt/kdq-lock --frozen --no-dev --no-install-project
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
     --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
     /opt/uv/bin/uv pip install --python /opt/kdq/bin/python --no-deps --no-cache --offline /dist/kdq-*.whl
