@@ -141,7 +141,7 @@ def reference(smoke_run: Path, images: dict) -> dict:
     x = norm(torch.stack([training_pixels(p) for p in paths])).contiguous()
     with torch.no_grad():
         logits = torch.cat([model(x[i : i + 1]) for i in range(len(x))]).numpy()
-    return {"logits": logits[:-1], "transparent": logits[-1], "inputs": x.numpy()}
+    return {"logits": logits[:-1], "transparent": logits[-1], "inputs": x.numpy()[:-1]}
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def tampered(export_dir: Path, tmp_path: Path):
     """A copy of the export with one byte of the named artifact flipped."""
 
     def make(name: str) -> Path:
-        copy = tmp_path / "export"
+        copy = tmp_path / f"tampered-{name}"
         shutil.copytree(export_dir, copy)
         data = bytearray((copy / name).read_bytes())
         data[len(data) // 2] ^= 0x01
@@ -193,7 +193,7 @@ def tampered(export_dir: Path, tmp_path: Path):
 
 @pytest.fixture
 def no_manifest(export_dir: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "export"
+    copy = tmp_path / "no-manifest"
     shutil.copytree(export_dir, copy)
     (copy / "manifest.json").unlink()
     return copy

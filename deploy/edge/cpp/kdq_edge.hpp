@@ -465,8 +465,11 @@ inline Image read_pnm(const std::string& path) {
 
 // Pillow's ImagingResample (libImaging/Resample.c) with the bilinear filter on 8-bit RGB: for each output
 // pixel, a triangle filter whose support grows with the downscale factor (antialiasing), coefficients
-// normalized in double, rounded to 22-bit fixed point; horizontal pass first, then vertical, each rounded
-// and clipped to uint8. Bit-identical to `Image.resize((W, H), Image.Resampling.BILINEAR)`.
+// normalized in double, rounded to 22-bit fixed point; two separable passes, each rounded and clipped to
+// uint8. Pass order as in Pillow >= 13 (the version kdq's lock file installs): vertical first when the
+// height shrinks by more than twice as many pixels as the width, else horizontal first (Pillow <= 12 was
+// always horizontal first; the order changes some pixels by 1/255). Bit-identical to
+// `Image.resize((W, H), Image.Resampling.BILINEAR)`; tests/test_edge.py checks it against Pillow.
 namespace pil {
 constexpr int kPrecisionBits = 32 - 8 - 2;
 
@@ -475,22 +478,28 @@ inline double bilinear(double x) {
   return x < 1.0 ? 1.0 - x : 0.0;
 }
 
-// Returns ksize; bounds holds (xmin, count) per output pixel, coeffs ksize fixed-point weights per pixel.
-inline int precompute(int in_size, int out_size, std::vector<int>& bounds, std::vector<int32_t>& coeffs) {
-  const double in0 = 0.0, in1 = in_size, support_base = 1.0;
-  double scale = (in1 - in0) / out_size, filterscale = scale < 1.0 ? 1.0 : scale;
+struct Coeffs {
+  int ksize = 0;
+  std::vector<int> bounds;      // (first source index, count) per output index
+  std::vector<int32_t> weights;  // ksize fixed-point weights per output index
+};
+
+inline Coeffs precompute(int in_size, int out_size) {
+  const double support_base = 1.0;  // bilinear
+  double scale = double(in_size) / out_size, filterscale = scale < 1.0 ? 1.0 : scale;
   double support = support_base * filterscale;
-  int ksize = int(std::ceil(support)) * 2 + 1;
-  std::vector<double> kk(size_t(out_size) * ksize, 0.0);
-  bounds.assign(size_t(out_size) * 2, 0);
+  Coeffs c;
+  c.ksize = int(std::ceil(support)) * 2 + 1;
+  std::vector<double> kk(size_t(out_size) * c.ksize, 0.0);
+  c.bounds.assign(size_t(out_size) * 2, 0);
   for (int xx = 0; xx < out_size; ++xx) {
-    double center = in0 + (xx + 0.5) * scale, ww = 0.0, ss = 1.0 / filterscale;
+    double center = (xx + 0.5) * scale, ww = 0.0, ss = 1.0 / filterscale;
     int xmin = int(center - support + 0.5);
     if (xmin < 0) xmin = 0;
     int xmax = int(center + support + 0.5);
     if (xmax > in_size) xmax = in_size;
     xmax -= xmin;
-    double* k = &kk[size_t(xx) * ksize];
+    double* k = &kk[size_t(xx) * c.ksize];
     for (int x = 0; x < xmax; ++x) {
       double w = bilinear((x + xmin - center + 0.5) * ss);
       k[x] = w;
@@ -498,68 +507,81 @@ inline int precompute(int in_size, int out_size, std::vector<int>& bounds, std::
     }
     for (int x = 0; x < xmax; ++x)
       if (ww != 0.0) k[x] /= ww;
-    bounds[2 * xx] = xmin;
-    bounds[2 * xx + 1] = xmax;
+    c.bounds[2 * xx] = xmin;
+    c.bounds[2 * xx + 1] = xmax;
   }
-  coeffs.resize(kk.size());
+  c.weights.resize(kk.size());
   for (size_t x = 0; x < kk.size(); ++x)
-    coeffs[x] = kk[x] < 0 ? int32_t(-0.5 + kk[x] * (1 << kPrecisionBits))
-                          : int32_t(0.5 + kk[x] * (1 << kPrecisionBits));
-  return ksize;
+    c.weights[x] = kk[x] < 0 ? int32_t(-0.5 + kk[x] * (1 << kPrecisionBits))
+                             : int32_t(0.5 + kk[x] * (1 << kPrecisionBits));
+  return c;
 }
 
 inline uint8_t clip8(int32_t v) {
   v >>= kPrecisionBits;
   return uint8_t(v < 0 ? 0 : v > 255 ? 255 : v);
 }
+
+// Rows [row0, row0 + rows) of `in`, resampled to width out_w.
+inline Image horizontal(const Image& in, int out_w, int row0, int rows) {
+  const Coeffs c = precompute(in.width, out_w);
+  Image out;
+  out.width = out_w;
+  out.height = rows;
+  out.rgb.assign(size_t(out_w) * rows * 3, 0);
+  for (int y = 0; y < rows; ++y)
+    for (int xx = 0; xx < out_w; ++xx) {
+      const int xmin = c.bounds[2 * xx], xmax = c.bounds[2 * xx + 1];
+      const int32_t* k = &c.weights[size_t(xx) * c.ksize];
+      for (int ch = 0; ch < 3; ++ch) {
+        int32_t ss = 1 << (kPrecisionBits - 1);
+        for (int x = 0; x < xmax; ++x) ss += in.rgb[(size_t(y + row0) * in.width + x + xmin) * 3 + ch] * k[x];
+        out.rgb[(size_t(y) * out_w + xx) * 3 + ch] = clip8(ss);
+      }
+    }
+  return out;
+}
+
+// `in` resampled to height out_h, where row r of `in` is source row r + row0 of an image of src_height rows.
+inline Image vertical(const Image& in, int out_h, int src_height, int row0) {
+  const Coeffs c = precompute(src_height, out_h);
+  Image out;
+  out.width = in.width;
+  out.height = out_h;
+  out.rgb.assign(size_t(in.width) * out_h * 3, 0);
+  for (int yy = 0; yy < out_h; ++yy) {
+    const int ymin = c.bounds[2 * yy] - row0, ymax = c.bounds[2 * yy + 1];
+    const int32_t* k = &c.weights[size_t(yy) * c.ksize];
+    for (int x = 0; x < in.width; ++x)
+      for (int ch = 0; ch < 3; ++ch) {
+        int32_t ss = 1 << (kPrecisionBits - 1);
+        for (int y = 0; y < ymax; ++y) ss += in.rgb[(size_t(y + ymin) * in.width + x) * 3 + ch] * k[y];
+        out.rgb[(size_t(yy) * out.width + x) * 3 + ch] = clip8(ss);
+      }
+  }
+  return out;
+}
 }  // namespace pil
 
 inline Image resize_bilinear(const Image& in, int out_w, int out_h) {
-  if (in.width == out_w && in.height == out_h) return in;
-  std::vector<int> bh, bv;
-  std::vector<int32_t> kh, kv;
-  const int ksh = pil::precompute(in.width, out_w, bh, kh);
-  const int ksv = pil::precompute(in.height, out_h, bv, kv);
   const bool need_h = out_w != in.width, need_v = out_h != in.height;
-  const int y_first = bv[0], y_last = bv[2 * out_h - 2] + bv[2 * out_h - 1];
-  Image cur = in;
-  if (need_h) {  // only the source rows the vertical pass will read
-    for (int yy = 0; yy < out_h; ++yy) bv[2 * yy] -= y_first;
-    Image tmp;
-    tmp.width = out_w;
-    tmp.height = y_last - y_first;
-    tmp.rgb.assign(size_t(tmp.width) * tmp.height * 3, 0);
-    for (int y = 0; y < tmp.height; ++y)
-      for (int xx = 0; xx < out_w; ++xx) {
-        const int xmin = bh[2 * xx], xmax = bh[2 * xx + 1];
-        const int32_t* k = &kh[size_t(xx) * ksh];
-        for (int c = 0; c < 3; ++c) {
-          int32_t ss = 1 << (pil::kPrecisionBits - 1);
-          for (int x = 0; x < xmax; ++x) ss += in.rgb[(size_t(y + y_first) * in.width + x + xmin) * 3 + c] * k[x];
-          tmp.rgb[(size_t(y) * out_w + xx) * 3 + c] = pil::clip8(ss);
-        }
-      }
-    cur = std::move(tmp);
+  Image out;
+  if (need_h && need_v && in.height > out_h && in.height - out_h > 2 * (in.width - out_w)) {
+    out = pil::horizontal(pil::vertical(in, out_h, in.height, 0), out_w, 0, out_h);
+  } else if (need_h && need_v) {
+    // Horizontal pass only over the source rows the vertical pass reads.
+    const pil::Coeffs v = pil::precompute(in.height, out_h);
+    const int first = v.bounds[0], last = v.bounds[2 * out_h - 2] + v.bounds[2 * out_h - 1];
+    out = pil::vertical(pil::horizontal(in, out_w, first, last - first), out_h, in.height, first);
+  } else if (need_h) {
+    out = pil::horizontal(in, out_w, 0, in.height);
+  } else if (need_v) {
+    out = pil::vertical(in, out_h, in.height, 0);
+  } else {
+    out = in;
   }
-  if (need_v) {
-    Image out;
-    out.width = cur.width;
-    out.height = out_h;
-    out.rgb.assign(size_t(out.width) * out_h * 3, 0);
-    for (int yy = 0; yy < out_h; ++yy) {
-      const int ymin = bv[2 * yy], ymax = bv[2 * yy + 1];
-      const int32_t* k = &kv[size_t(yy) * ksv];
-      for (int x = 0; x < cur.width; ++x)
-        for (int c = 0; c < 3; ++c) {
-          int32_t ss = 1 << (pil::kPrecisionBits - 1);
-          for (int y = 0; y < ymax; ++y) ss += cur.rgb[(size_t(y + ymin) * cur.width + x) * 3 + c] * k[y];
-          out.rgb[(size_t(yy) * out.width + x) * 3 + c] = pil::clip8(ss);
-        }
-    }
-    cur = std::move(out);
-  }
-  cur.mode = in.mode;
-  return cur;
+  out.mode = in.mode;
+  return out;
 }
 
 // uint8 RGB at the model size → float32 NCHW: (pixel / 255 - mean[c]) / std[c], in float32 like kdq.
