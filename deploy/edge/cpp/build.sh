@@ -52,8 +52,9 @@ if [[ $KDQ_EDGE_ORT == ON ]]; then
       echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $ORT_DEB_SUITE main" \
         >"$apt_dir/sources.list"
       apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
-        -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root
-        -o Debug::NoLocking=1 -qq)
+        -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o Debug::NoLocking=1 -qq)
+      # As root, apt would hand downloads to the _apt user, who cannot write into the build folder.
+      [[ $(id -u) == 0 ]] && apt_opts+=(-o APT::Sandbox::User=root)
       echo "build.sh: fetching ONNX Runtime headers (Debian $ORT_DEB_SUITE libonnxruntime-dev)" >&2
       apt-get "${apt_opts[@]}" update >&2 || die "apt-get update ($ORT_DEB_SUITE) failed"
       (cd "$apt_dir" && apt-get "${apt_opts[@]}" download libonnxruntime-dev >&2) ||

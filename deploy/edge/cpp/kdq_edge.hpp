@@ -729,7 +729,12 @@ inline int run_app(int argc, char** argv, const std::string& runtime, const std:
       continue;
     }
     if (first_input.empty()) first_input = x, first_path = path;
-    logits = run(x);
+    try {
+      logits = run(x);
+    } catch (const std::exception& e) {
+      std::cerr << prog << ": error: " << runtime << " failed on " << path << " (" << e.what() << ")\n";
+      return kExitModel;
+    }
     if (logits.size() != m.classes.size()) {
       std::cerr << prog << ": error: the model returned " << logits.size() << " logits for "
                 << m.classes.size() << " classes\n";
