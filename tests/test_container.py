@@ -52,6 +52,8 @@ def image():
     if CA_BUNDLE.is_file():  # registries behind an intercepting proxy (this machine): the host's CA bundle
         make.append(f"CA_BUNDLE={CA_BUNDLE}")
     run(make, env=env, timeout=1500)
+    # A rebuilt image leaves the previous one dangling (GBs): drop those; the cache of the new one stays.
+    run(["podman", "image", "prune", "-f"], env=env, timeout=300)
     return IMAGE
 
 
@@ -94,6 +96,10 @@ def docker_host(image):
         yield re.search(r"DOCKER_HOST=(\S+)", out).group(1)
     finally:
         run([script, "stop"], env=env, timeout=120, check=False)
+        # TorchX's containers (finished) stay listed in podman until removed.
+        ids = run(["podman", "ps", "-aq", "--filter", "label=torchx.pytorch.org/version"], env=env, timeout=60)
+        if ids.stdout.split():
+            run(["podman", "rm", "-f", *ids.stdout.split()], env=env, timeout=120, check=False)
         assert not Path("/run/kdq-podman-test.pid").exists() and not Path("/run/netns/kdq-podman-test").exists()
 
 
