@@ -27,6 +27,9 @@ format: setup  ## Apply ruff's fixes and formatting
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
+bench: setup  ## Benchmarks (bench/): training img/s, inference latency, MAC floor; BENCH_ARGS=... -> bench/results/
+	$(RUN) python -m bench $(BENCH_ARGS)
+
 clean:  ## Remove run outputs (keeps .venv)
 	rm -rf runs
 

@@ -344,5 +344,25 @@ def pipeline(preset: Preset, run_dir: Path, opts, latency_runs) -> None:
     run_pipeline(preset, run_dir, opts, export_latency_runs=latency_runs)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output folder  [default: RUN_DIR]"
+)
+def report(run_dir: Path, out: Path | None) -> None:
+    """Write RUN_DIR/report.md and a self-contained report.html with plots of a run.
+
+    \b
+    Plots (OUT/plots/*.png): training curves of every stage, the final int8 model's confusion
+    matrix and per-class accuracy, accuracy vs size vs latency of all models, export latency.
+    Every number comes from the run's JSON files (history, evaluation results, parity).
+    """
+    from kdq.report import write_report
+
+    md, page = write_report(run_dir, out)
+    click.echo(md)
+    click.echo(page)
+
+
 if __name__ == "__main__":
     sys.exit(main())

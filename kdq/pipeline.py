@@ -12,6 +12,7 @@ from kdq import recipes
 from kdq.config import Preset
 from kdq.export import export, load_target
 from kdq.parity import format_report
+from kdq.report import write_report
 
 TARGET_FOR_BACKEND = {"x86": "x86", "qnnpack": "arm"}
 
@@ -44,5 +45,7 @@ def run_pipeline(
     )
     click.echo(format_report(report))
     click.echo(f"certified int8 export -> {out}")
+    md, page = write_report(run_dir)
+    click.echo(f"report -> {md} (self-contained: {page})")
     print(f"[pipeline] {preset.name} done in {time.perf_counter() - t0:.0f}s -> {run_dir}", file=sys.stderr)
     return results

@@ -1,0 +1,208 @@
+"""Benchmark 3: a floor for comparison. How fast could the student possibly run on this CPU?
+
+    uv run --frozen python -m bench.floor            # MACs, peaks, and the latest inference results as fractions
+
+The student's multiply-accumulates are counted by torch.utils.flop_counter.FlopCounterMode (convolutions and
+the linear layer; 1 MAC = 2 FLOPs; int8 runs the same MACs as fp32). The peak comes from the CPU's own
+description (/proc/cpuinfo: vendor, family, SIMD flags, clock) and is stated with its derivation; a GEMM
+measured with the same libraries (torch.matmul for fp32, a quantized Linear on the x86 engine for int8) is the
+practical ceiling. floor ms = batch x MACs / peak, and each latency is shown as floor / measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.common import RESULTS, cpu_info, environment, finish, print_table, write_results
+from kdq.models import build_model
+
+
+def model_macs(model: torch.nn.Module, image_size: int = 32) -> dict:
+    """MACs of one image through `model`, total and per operator (FlopCounterMode reports FLOPs = 2 x MACs)."""
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model.eval()(torch.randn(1, 3, image_size, image_size))
+    per_op = {str(op).removeprefix("aten."): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+    return {"macs_per_image": counter.get_total_flops() // 2, "per_op": per_op}
+
+
+def theoretical_peak(cpu: dict) -> dict:
+    """Peak MACs per cycle per core for fp32 and int8, and per second for 1..N cores at the reported clock.
+
+    Per core per cycle: fp32 FMAs = FMA pipes x fp32 lanes of the datapath. Assumed 2 FMA pipes (Intel
+    Skylake-SP and later server cores with two AVX-512 units, AMD Zen 2-5). AMD up to family 25 (Zen 2/3/4)
+    has 256-bit datapaths: Zen 4 executes a 512-bit instruction as two 256-bit halves, so AVX-512 doubles the
+    instruction width, not the FLOPs. int8: a VNNI `vpdpbusd` does 4 u8 x s8 MACs per 32-bit lane at the fp32
+    FMA rate (4x fp32); without VNNI the vpmaddubsw/vpmaddwd/vpaddd sequence gives about 2x fp32.
+    """
+    flags = set(cpu.get("simd_flags", []))
+    vector_bits = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
+    datapath_bits = vector_bits
+    if cpu.get("vendor") == "AuthenticAMD" and (cpu.get("family") or 0) <= 25:
+        datapath_bits = min(vector_bits, 256)
+    pipes = 2
+    fp32_per_cycle = pipes * datapath_bits // 32
+    vnni = bool(flags & {"avx512_vnni", "avx_vnni"})
+    int8_per_cycle = fp32_per_cycle * (4 if vnni else 2)
+    ghz = (cpu.get("mhz") or 0) / 1000
+    cores = cpu.get("logical_cpus") or 1
+    derivation = (
+        f"{cpu.get('model_name')} (vendor {cpu.get('vendor')}, family {cpu.get('family')}, model {cpu.get('model')}), "
+        f"{cores} cores at {ghz:.3f} GHz (reported clock; boost, if any, is not visible in this VM). "
+        f"{vector_bits}-bit vectors ({'avx512f' if vector_bits == 512 else 'avx2'}), {datapath_bits}-bit datapath x "
+        f"{pipes} FMA pipes = {fp32_per_cycle} fp32 MACs/cycle/core; int8 {'VNNI 4x' if vnni else 'no VNNI, 2x'} = "
+        f"{int8_per_cycle} MACs/cycle/core. Peak = cores x GHz x MACs/cycle: fp32 {ghz * fp32_per_cycle:.1f} "
+        f"GMAC/s per core, int8 {ghz * int8_per_cycle:.1f} GMAC/s per core."
+    )
+    return {
+        "ghz": ghz,
+        "cores": cores,
+        "fp32_macs_per_cycle_per_core": fp32_per_cycle,
+        "int8_macs_per_cycle_per_core": int8_per_cycle,
+        "gmacs": {
+            p: {t: ghz * per * t for t in range(1, cores + 1)}
+            for p, per in (("fp32", fp32_per_cycle), ("int8", int8_per_cycle))
+        },
+        "derivation": derivation,
+    }
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_ceiling(threads: int, n: int = 1536, repeats: int = 8) -> dict:
+    """Best-of GMAC/s of an n x n x n GEMM: torch.matmul (fp32) and a quantized Linear (int8, x86 engine)."""
+    import torch.ao.nn.quantized as nnq
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        fp32 = n**3 / _best_seconds(lambda: a @ b, repeats) / 1e9
+        torch.backends.quantized.engine = "x86"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensor creation is deprecated (pytorch#184982)
+            linear = nnq.Linear(n, n)
+            w = torch.quantize_per_channel(
+                torch.randn(n, n), torch.full((n,), 0.01), torch.zeros(n, dtype=torch.long), 0, torch.qint8
+            )
+            linear.set_weight_bias(w, None)
+            x = torch.quantize_per_tensor(torch.rand(n, n), 1 / 255, 0, torch.quint8)
+            int8 = n**3 / _best_seconds(lambda: linear(x), repeats) / 1e9
+    finally:
+        torch.set_num_threads(previous)
+    return {"fp32": fp32, "int8": int8, "n": n}
+
+
+def floor_rows(latency: list[dict], macs_per_image: int, peak: dict, ceiling: dict) -> list[dict]:
+    """Each latency row with its floor (theoretical peak and measured GEMM ceiling) and floor / measured."""
+    rows = []
+    for r in latency:
+        macs = r["batch"] * macs_per_image
+        gmacs = peak["gmacs"][r["precision"]].get(r["threads"])
+        gemm = ceiling.get(str(r["threads"]), {}).get(r["precision"])
+        floor = 1e3 * macs / (gmacs * 1e9) if gmacs else None
+        gemm_floor = 1e3 * macs / (gemm * 1e9) if gemm else None
+        rows.append(
+            {
+                **r,
+                "macs": macs,
+                "floor_ms": floor,
+                "fraction_of_peak": floor / r["ms"] if floor else None,
+                "gemm_floor_ms": gemm_floor,
+                "fraction_of_gemm": gemm_floor / r["ms"] if gemm_floor else None,
+            }
+        )
+    return rows
+
+
+def measure(latency: list[dict] | None = None, threads: tuple[int, ...] = (1, 2)) -> dict:
+    cpu = cpu_info()
+    student = build_model("mobilenet_v2", 10)
+    macs = model_macs(student)
+    peak = theoretical_peak(cpu)
+    ceiling = {str(t): gemm_ceiling(t) for t in threads if t <= (cpu.get("logical_cpus") or 1)}
+    result = {"model": "mobilenet_v2 (width 1.0, 10 classes, 32x32)", "macs": macs, "peak": peak, "gemm": ceiling}
+    if latency:
+        result["rows"] = floor_rows(latency, macs["macs_per_image"], peak, ceiling)
+    return result
+
+
+def show(result: dict) -> None:
+    m, p = result["macs"], result["peak"]
+    print(
+        f"\nFloor: {result['model']}: {m['macs_per_image'] / 1e6:.2f} M MACs per image "
+        f"({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in m['per_op'].items())})"
+    )
+    print(f"Peak derivation: {p['derivation']}")
+    rows = [
+        [
+            f"{t} thread{'s' * (int(t) > 1)}",
+            f"{p['gmacs']['fp32'][int(t)]:.1f}",
+            f"{g['fp32']:.1f}",
+            f"{p['gmacs']['int8'][int(t)]:.1f}",
+            f"{g['int8']:.1f}",
+        ]
+        for t, g in result["gemm"].items()
+    ]
+    print_table(
+        "Peak GMAC/s: theoretical vs measured GEMM ceiling (best of 8, 1536^3)",
+        ["threads", "fp32 peak", "fp32 GEMM", "int8 peak", "int8 GEMM"],
+        rows,
+    )
+    if result.get("rows"):
+        print_table(
+            "Latency as a fraction of the floor (floor = batch x MACs / peak; 100% = at peak)",
+            ["runtime", "precision", "batch", "threads", "ms", "floor ms", "of peak", "GEMM floor ms", "of GEMM"],
+            [
+                [
+                    r["runtime"],
+                    r["precision"],
+                    r["batch"],
+                    r["threads"],
+                    f"{r['ms']:.3f}",
+                    f"{r['floor_ms']:.3f}",
+                    f"{r['fraction_of_peak']:.1%}",
+                    f"{r['gemm_floor_ms']:.3f}",
+                    f"{r['fraction_of_gemm']:.1%}",
+                ]
+                for r in result["rows"]
+            ],
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--latency",
+        default=str(RESULTS / "inference-latest.json"),
+        help="inference results whose latencies to express as fractions (if the file exists)",
+    )
+    args = parser.parse_args(argv)
+    env = environment()
+    try:
+        with open(args.latency) as f:
+            latency = json.load(f)["latency"]
+    except (OSError, KeyError, ValueError):
+        latency = None
+    result = measure(latency)
+    show(result)
+    print(f"-> {write_results('floor', {'environment': finish(env), 'floor': result})}")
+
+
+if __name__ == "__main__":
+    main()

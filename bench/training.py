@@ -1,0 +1,306 @@
+"""Benchmark 1: training throughput of kdq's device-resident pipeline vs a DataLoader + PIL pipeline (the seed's).
+
+    uv run --frozen python -m bench.training
+
+Both sides train the same model at the same batch size with the same augmentation (random translation by up
+to 4 px with reflect padding, horizontal flip) and the same SGD step, on generated CIFAR-sized data:
+- kdq: `kdq.train.fit` itself (uint8 data on the device, batched augmentation, channels_last; bf16 autocast on
+  GPUs). Its own `images_per_second` (history.json) of the epochs after the first is the result.
+- conventional: a torchvision `DataLoader` over a dataset that does what `torchvision.datasets.CIFAR10` does
+  per image (numpy -> PIL -> RandomCrop, RandomHorizontalFlip, ToTensor, Normalize), `num_workers` worker
+  processes (persistent, so worker start-up is not counted: the conventional side's best case), NCHW fp32.
+Steady state: the first epoch is warm-up (and torch.compile's compile time); the best later epoch counts.
+The pipelines alone (batches produced per second, no model) are measured as well, which is what decides the
+outcome once the model step is fast (GPUs). On a GPU the comparison adds bf16, channels_last and
+torch.compile, and projects the wall time of the `cifar10` preset from the measured rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import environment, finish, print_table, write_results
+from kdq.checkpoint import HISTORY
+from kdq.config import Augment, Optim, get_preset
+from kdq.data import Dataset, Normalize, Split, augment, shuffled_batches
+from kdq.models import build_model
+from kdq.train import Runtime, fit
+
+CIFAR10_TRAIN_IMAGES = 50_000
+
+
+def generated_data(n_train: int, n_test: int = 128, classes: int = 10, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    split = lambda n: Split(  # noqa: E731
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, classes, (n,), generator=g),
+    )
+    return Dataset("generated", split(n_train), split(n_test), [str(c) for c in range(classes)])
+
+
+class PILImages(torch.utils.data.Dataset):
+    """What torchvision.datasets.CIFAR10.__getitem__ does: an HWC uint8 array -> PIL image -> transform."""
+
+    def __init__(self, split: Split, transform):
+        self.images = split.images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = split.labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def conventional_loader(data: Dataset, aug: Augment, batch: int, workers: int, pin: bool):
+    from torchvision import transforms as T
+
+    mean, std = data.normalization()
+    steps = [T.RandomCrop(32, padding=aug.crop_padding, padding_mode="reflect")] if aug.crop_padding else []
+    steps += [T.RandomHorizontalFlip()] if aug.flip else []
+    transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+    return torch.utils.data.DataLoader(
+        PILImages(data.train, transform),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin,
+    )
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def kdq_rate(arch: str, data: Dataset, batch: int, aug: Augment, dev: torch.device, epochs: int, compile: bool):
+    """kdq's training loop as users run it: `fit`, whose history records images/s per epoch."""
+    torch.manual_seed(0)
+    model = build_model(arch, len(data.classes))
+    with tempfile.TemporaryDirectory(prefix="kdq-bench-") as tmp:
+        ckpt = fit(
+            model,
+            {"name": arch, "num_classes": len(data.classes), "kwargs": {}},
+            data,
+            Optim(epochs=epochs, lr=0.05, batch_size=batch),
+            aug,
+            Path(tmp),
+            stage=f"bench-{arch}",
+            preset={},
+            rt=Runtime(dev),
+            compile=compile,
+        )
+    rates = [h["images_per_second"] for h in ckpt[HISTORY]]
+    return {"img_s": max(rates[1:]), "epochs_img_s": rates}
+
+
+def conventional_rate(
+    arch: str,
+    data: Dataset,
+    batch: int,
+    aug: Augment,
+    dev: torch.device,
+    epochs: int,
+    workers: int,
+    bf16: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+):
+    """The seed's loop: DataLoader batches copied to the device, then the same SGD step as `fit`."""
+    torch.manual_seed(0)
+    loader = conventional_loader(data, aug, batch, workers, pin=dev.type == "cuda")
+    model = build_model(arch, len(data.classes)).to(dev).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step_model = torch.compile(model) if compile else model
+    rates = []
+    for _ in range(epochs):
+        _sync(dev)
+        t0, seen = time.perf_counter(), 0
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(step_model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the running loss is logged every step, as in fit
+            seen += len(y)
+        _sync(dev)
+        rates.append(seen / (time.perf_counter() - t0))
+    return {"img_s": max(rates[1:]), "epochs_img_s": rates}
+
+
+def pipeline_only_rates(data: Dataset, aug: Augment, batch: int, dev: torch.device, workers: list[int]) -> dict:
+    """Images/s of producing normalized, augmented batches on the device, without any model (best of 2 epochs)."""
+    normalize = Normalize(*data.normalization(), device=dev)
+    train_x = data.train.images.to(dev)
+    gen = torch.Generator(dev).manual_seed(0)
+    rates = {}
+    best = 0.0
+    for _ in range(3):
+        _sync(dev)
+        t0 = time.perf_counter()
+        for idx in shuffled_batches(len(train_x), batch, gen):
+            normalize(augment(train_x[idx], aug, gen))
+        _sync(dev)
+        best = max(best, (len(train_x) // batch) * batch / (time.perf_counter() - t0))
+    rates["kdq (augment + normalize on the device)"] = best
+    for w in workers:
+        loader = conventional_loader(data, aug, batch, w, pin=dev.type == "cuda")
+        best = 0.0
+        for _ in range(3):  # the first epoch starts the persistent workers
+            t0, seen = time.perf_counter(), 0
+            for x, _y in loader:
+                x.to(dev, non_blocking=True)
+                seen += len(x)
+            _sync(dev)
+            best = max(best, seen / (time.perf_counter() - t0))
+        rates[f"DataLoader + PIL, {w} worker{'s' * (w != 1)}"] = best
+    return rates
+
+
+def measure(args: argparse.Namespace) -> dict:
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    preset = get_preset("cifar10")
+    aug, batch = preset.augment, preset.student_optim.batch_size
+    teacher = args.teacher or (preset.teacher if cuda else "resnet18")
+    models = {"student": preset.student, "teacher": teacher}
+    steps = {"student": args.student_steps, "teacher": args.teacher_steps}
+    result: dict = {
+        "device": str(dev),
+        "batch_size": batch,
+        "augment": dataclasses.asdict(aug),
+        "workers": args.workers,
+        "epochs": args.epochs,
+        "models": models,
+        "rows": [],
+    }
+    for role in args.models:
+        arch = models[role]
+        data = generated_data(steps[role] * batch)
+        print(f"[training] {role} {arch}: {steps[role]} steps x {args.epochs} epochs per pipeline", file=sys.stderr)
+        variants = [("kdq", "fit" + (" (bf16, channels_last)" if cuda else " (fp32, channels_last)"), {})]
+        variants.append(("conventional", "DataLoader + PIL (fp32, NCHW)", {}))
+        if cuda:
+            variants += [
+                ("kdq", "fit + torch.compile (bf16, channels_last)", {"compile": True}),
+                ("conventional", "DataLoader + PIL + bf16 + channels_last", {"bf16": True, "channels_last": True}),
+                (
+                    "conventional",
+                    "DataLoader + PIL + bf16 + channels_last + torch.compile",
+                    {"bf16": True, "channels_last": True, "compile": True},
+                ),
+            ]
+        for pipeline, label, kw in variants:
+            if pipeline == "kdq":
+                r = kdq_rate(arch, data, batch, aug, dev, args.epochs, kw.get("compile", False))
+            else:
+                r = conventional_rate(arch, data, batch, aug, dev, args.epochs, args.workers, **kw)
+            result["rows"].append({"role": role, "arch": arch, "pipeline": pipeline, "variant": label, **r})
+    result["pipeline_only_img_s"] = pipeline_only_rates(
+        generated_data(args.pipeline_images), aug, batch, dev, sorted({0, args.workers})
+    )
+    if cuda and set(args.models) == {"student", "teacher"}:
+        result["projection"] = project_cifar10(result["rows"], preset)
+    return result
+
+
+def project_cifar10(rows: list[dict], preset) -> list[dict]:
+    """Wall time of the cifar10 preset's training epochs at the measured rates (evaluation passes excluded)."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows if r["pipeline"] == "kdq"):
+        rate = {r["role"]: r["img_s"] for r in rows if r["variant"] == variant}
+        teacher_s = preset.teacher_optim.epochs * CIFAR10_TRAIN_IMAGES / rate["teacher"]
+        student_s = preset.student_optim.epochs * CIFAR10_TRAIN_IMAGES / rate["student"]
+        # baseline: same recipe as the student; QAT: fake-quant makes it slower than this estimate
+        rest_s = (preset.student_optim.epochs + preset.quant.qat_optim.epochs) * CIFAR10_TRAIN_IMAGES / rate["student"]
+        out.append(
+            {
+                "variant": variant,
+                "teacher_s": teacher_s,
+                "student_s": student_s,
+                "teacher_plus_student_s": teacher_s + student_s,
+                "all_stages_s": teacher_s + student_s + rest_s,
+            }
+        )
+    return out
+
+
+def show(result: dict) -> None:
+    rows = result["rows"]
+    ref = {r["role"]: r["img_s"] for r in rows if r["variant"] == "DataLoader + PIL (fp32, NCHW)"}
+    print_table(
+        f"Training throughput on {result['device']} (images/s, steady state: best epoch after a warm-up epoch; "
+        f"batch {result['batch_size']}, {result['workers']} loader workers)",
+        ["model", "pipeline", "img/s", "vs DataLoader+PIL", "per epoch (first = warm-up)"],
+        [
+            [
+                f"{r['role']} ({r['arch']})",
+                r["variant"],
+                f"{r['img_s']:.1f}",
+                f"{r['img_s'] / ref[r['role']]:.2f}x",
+                " ".join(f"{v:.0f}" for v in r["epochs_img_s"]),
+            ]
+            for r in rows
+        ],
+    )
+    print_table(
+        "Input pipeline alone (images/s delivered to the device, no model)",
+        ["pipeline", "img/s"],
+        [[k, f"{v:.0f}"] for k, v in result["pipeline_only_img_s"].items()],
+    )
+    for p in result.get("projection", []):
+        print(
+            f"cifar10 preset projected ({p['variant']}): teacher 50 epochs {p['teacher_s'] / 3600:.2f} h + "
+            f"student 20 epochs {p['student_s'] / 3600:.2f} h = {p['teacher_plus_student_s'] / 3600:.2f} h; "
+            f"with baseline and QAT {p['all_stages_s'] / 3600:.2f} h"
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--models", nargs="+", choices=["student", "teacher"], default=["student", "teacher"])
+    parser.add_argument("--teacher", default=None, help="teacher arch [default: resnet18 on CPU, resnet152 on GPU]")
+    parser.add_argument("--epochs", type=int, default=3 if cuda else 2, help="per pipeline; the first is warm-up")
+    parser.add_argument("--student-steps", type=int, default=60 if cuda else 5, help="steps per epoch")
+    parser.add_argument("--teacher-steps", type=int, default=40 if cuda else 3, help="steps per epoch")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--pipeline-images", type=int, default=8192, help="images per epoch, pipelines alone")
+
+
+def run(args: argparse.Namespace) -> dict:
+    return measure(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    env = environment()
+    result = run(args)
+    show(result)
+    print(f"-> {write_results('training', {'environment': finish(env), **result})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""`kdq report`: plots are real PNGs, the HTML is self-contained, and every number equals the JSON it comes from."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from kdq.cli import main
+from kdq.report import PLOTS, load_run, plot_confusion, plot_tradeoff, plot_training_curves, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FULL_RUN_PLOTS = {
+    "training_curves.png",
+    "accuracy_size_latency.png",
+    "per_class_accuracy.png",
+    "confusion_matrix.png",
+    "export-x86_latency.png",
+}
+
+
+def tables(markdown: str) -> list[tuple[str, list[list[str]]]]:
+    """Every pipe table of a Markdown text, in order: (first header cell, rows of cells without the header)."""
+    found, lines = [], markdown.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("|") and lines[i + 1].startswith("|---"):
+            rows = []
+            for row in lines[i + 2 :]:
+                if not row.startswith("|"):
+                    break
+                rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+            found.append(([c.strip() for c in line.strip("|").split("|")][0], rows))
+    return found
+
+
+def table(markdown: str, first_header: str, nth: int = 0) -> list[list[str]]:
+    return [rows for key, rows in tables(markdown) if key == first_header][nth]
+
+
+def num(cell: str) -> float:
+    """'92.22%' -> 0.9222, '2,236,682' -> 2236682, '93.33% (3)' -> 0.9333, '1.234' -> 1.234."""
+    m = re.match(r"^(-?[\d,]+(?:\.\d+)?)(%?)", cell)
+    assert m, f"not a number: {cell!r}"
+    value = float(m[1].replace(",", ""))
+    return value / 100 if m[2] else value
+
+
+def shown(cell: str, value: float) -> bool:
+    """The cell shows `value`, rounded to the cell's own number of decimals."""
+    m = re.match(r"^-?[\d,]+(?:\.(\d+))?(%?)", cell)
+    decimals = len(m[1] or "") + (2 if m[2] else 0)
+    return abs(num(cell) - value) <= 0.5 * 10**-decimals + 1e-9
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= 300 and im.height >= 200
+
+
+@pytest.fixture(scope="module")
+def report(smoke_run: Path, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("report")
+    result = CliRunner().invoke(main, ["report", str(smoke_run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [str(out / "report.md"), str(out / "report.html")]
+    return out, (out / "report.md").read_text()
+
+
+def test_pipeline_ends_by_writing_the_report(smoke_run: Path):
+    assert (smoke_run / "report.md").is_file() and (smoke_run / "report.html").is_file()
+    assert {p.name for p in (smoke_run / PLOTS).iterdir()} == FULL_RUN_PLOTS
+    for name in FULL_RUN_PLOTS:
+        assert_png(smoke_run / PLOTS / name)
+    # written after everything it reports on
+    assert (smoke_run / "report.md").stat().st_mtime >= (smoke_run / "export-x86" / "parity.json").stat().st_mtime
+
+
+def test_every_plot_is_a_valid_png_linked_from_the_report(report):
+    out, md = report
+    linked = re.findall(r"^!\[[^\]]*\]\((.+?)\)$", md, flags=re.M)
+    assert {Path(p).name for p in linked} == FULL_RUN_PLOTS
+    for p in linked:
+        assert_png(out / p)
+
+
+def test_models_table_equals_evaluation_results(smoke_run, report):
+    evaluation = json.loads((smoke_run / "evaluation_results.json").read_text())
+    rows = table(report[1], "model")
+    assert [r[0] for r in rows] == list(evaluation) == ["teacher", "baseline", "student", "student_qat"]
+    teacher = evaluation["teacher"]
+    for stage, arch, params, mb, top1, ms, img_s, smaller, faster in rows:
+        r = evaluation[stage]
+        assert arch == r["arch"] and num(params) == r["parameters"]
+        assert shown(mb, r["size_bytes"] / 1e6) and shown(top1, r["top1"])
+        assert shown(ms, r["latency_ms_b1"]) and shown(img_s, r["throughput_img_s_b64"])
+        assert shown(smaller, teacher["size_bytes"] / r["size_bytes"])
+        assert shown(faster, teacher["latency_ms_b1"] / r["latency_ms_b1"])
+
+
+def test_training_table_equals_histories(smoke_run, report):
+    rows = table(report[1], "stage")
+    assert [r[0] for r in rows] == ["teacher", "baseline", "student", "student_qat"]
+    for stage, epochs, loss, train_acc, test_acc, best, seconds, img_s in rows:
+        hist = json.loads((smoke_run / stage / "history.json").read_text())
+        top = max(hist, key=lambda h: h["test_acc"])
+        assert int(epochs) == len(hist) == hist[-1]["epoch"]
+        assert shown(loss, hist[-1]["train_loss"]) and shown(train_acc, hist[-1]["train_acc"])
+        assert shown(test_acc, hist[-1]["test_acc"]) and shown(best, top["test_acc"])
+        assert best.endswith(f"({top['epoch']})")
+        assert shown(seconds, sum(h["epoch_seconds"] for h in hist))
+        assert shown(img_s, hist[-1]["images_per_second"])
+
+
+def test_int8_section_equals_the_exported_models_evaluation(smoke_run, report):
+    evaluation = json.loads((smoke_run / "evaluation_results.json").read_text())
+    manifest = json.loads((smoke_run / "export-x86" / "manifest.json").read_text())
+    stage = manifest["source"]["stage"]
+    assert stage == "student_qat" and f"## Final int8 model: {stage}" in report[1]
+    r, fp32 = evaluation[stage], evaluation["student"]
+    per_class = table(report[1], "class")
+    assert [row[0] for row in per_class] == list(r["per_class"])
+    for cls, acc, ref in per_class:
+        assert shown(acc, r["per_class"][cls]) and shown(ref, fp32["per_class"][cls])
+    confusion = table(report[1], "true \\ predicted")
+    assert [[int(v) for v in row[1:]] for row in confusion] == r["confusion_matrix"]
+    assert f"Test top-1 **{r['top1']:.2%}**" in report[1]
+
+
+def test_export_tables_equal_parity_json(smoke_run, report):
+    parity = json.loads((smoke_run / "export-x86" / "parity.json").read_text())
+    md = report[1]
+    accuracy = {row[0]: row[1] for row in table(md, "runtime")}
+    assert set(accuracy) == set(parity["accuracy"])
+    assert all(shown(accuracy[k], v) for k, v in parity["accuracy"].items())
+    grid = table(md, "runtime", nth=1)  # the latency grid
+    assert len(grid) == len(parity["latency"])
+    for row, r in zip(grid, parity["latency"], strict=True):
+        assert row[:4] == [r["runtime"], r["precision"], str(r["batch"]), str(r["threads"])]
+        assert shown(row[4], r["ms"])
+    agreement = {row[0]: row for row in table(md, "vs PyTorch int8")}
+    for runtime, a in parity["agreement"].items():
+        assert shown(agreement[runtime][1], a["top1_agreement"])
+        assert shown(agreement[runtime][3], a["max_abs_logit_diff"])
+    gates = {row[0]: row[-1] for row in table(md, "gate")}
+    assert {c["name"]: "✓" if c["passed"] else "✗ FAILED" for c in parity["checks"]} == gates
+
+
+def test_html_is_self_contained_and_shows_the_same_tables(report):
+    out, md = report
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page), "the page must not load anything"
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)">', page)
+    linked = re.findall(r"^!\[[^\]]*\]\((.+?)\)$", md, flags=re.M)
+    assert [base64.b64decode(i) for i in images] == [(out / p).read_bytes() for p in linked]
+    assert page.count("<tr>") == sum(len(rows) + 1 for _, rows in tables(md))
+    assert page.count("<table>") == len(tables(md)) and "<td>student_qat</td>" in page
+    assert re.search(r"<strong>(PASSED|FAILED)</strong>", page)
+
+
+# --- without a pipeline run: plots and partial runs --------------------------------------------------
+
+
+def history(epochs: int, start: float) -> list[dict]:
+    return [
+        {
+            "epoch": e,
+            "lr": 0.1,
+            "train_loss": 2.0 / e,
+            "train_soft_loss": 0.0,
+            "train_hard_loss": 2.0 / e,
+            "train_acc": start + 0.1 * e,
+            "test_acc": start + 0.08 * e,
+            "epoch_seconds": 1.5,
+            "images_per_second": 900.0,
+        }
+        for e in range(1, epochs + 1)
+    ]
+
+
+def test_plots_draw_exactly_the_json_values():
+    histories = {"teacher": history(3, 0.5), "student": history(2, 0.3)}
+    fig = plot_training_curves(histories)
+    loss_ax, acc_ax = fig.axes
+    lines = {line.get_label(): list(line.get_ydata()) for line in loss_ax.lines + acc_ax.lines}
+    for stage, hist in histories.items():
+        assert lines[stage] == [h["train_loss"] for h in hist]
+        assert lines[f"{stage} test"] == [h["test_acc"] for h in hist]
+        assert lines[f"{stage} train"] == [h["train_acc"] for h in hist]
+
+    matrix = [[5, 1], [2, 7]]
+    texts = [t.get_text() for t in plot_confusion(matrix, ["a", "b"], "student_qat").axes[0].texts]
+    assert texts == ["5", "1", "2", "7"]
+
+    evaluation = {
+        "teacher": {"size_bytes": 9_000_000, "latency_ms_b1": 12.0, "top1": 0.95},
+        "student_qat": {"size_bytes": 2_700_000, "latency_ms_b1": 0.5, "top1": 0.91},
+    }
+    size_ax, lat_ax = plot_tradeoff(evaluation).axes
+    assert [tuple(c.get_offsets()[0]) for c in size_ax.collections] == [(9.0, 0.95), (2.7, 0.91)]
+    assert [tuple(c.get_offsets()[0]) for c in lat_ax.collections] == [(12.0, 0.95), (0.5, 0.91)]
+    assert lat_ax.get_xscale() == "log"  # 24x range
+
+
+def test_partial_run_reports_what_it_has(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "history.json").write_text(json.dumps(history(3, 0.5)))
+    md_path, html_path = write_report(tmp_path)
+    md = md_path.read_text()
+    assert [p.name for p in (tmp_path / PLOTS).iterdir()] == ["training_curves.png"]
+    assert_png(tmp_path / PLOTS / "training_curves.png")
+    assert "_No evaluation_results.json in the run" in md
+    assert "## Final int8 model: none" in md and "No `export-*/parity.json` in the run" in md
+    assert [r[0] for r in table(md, "stage")] == ["teacher"]
+    assert html_path.is_file() and load_run(tmp_path).int8_stage is None
+
+
+def test_folder_without_a_run_is_a_one_line_error(tmp_path):
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "nothing to report" in result.output
+    assert result.output.count("\n") == 1 and not list(tmp_path.iterdir())
