@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         inference.show(results["inference"])
     if "floor" not in args.skip:
         t = time.perf_counter()
-        results["floor"] = floor.measure(results.get("inference", {}).get("latency"))
+        results["floor"] = floor.measure(results.get("inference"))
         seconds["floor"] = time.perf_counter() - t
         floor.show(results["floor"])
     env["seconds"] = {**seconds, "total": time.perf_counter() - t0}

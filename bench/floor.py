@@ -130,22 +130,24 @@ def floor_rows(latency: list[dict], macs_per_image: int, peak: dict, ceiling: di
     return rows
 
 
-def measure(latency: list[dict] | None = None, threads: tuple[int, ...] = (1, 2)) -> dict:
+def measure(inference: dict | None = None, threads: tuple[int, ...] = (1, 2)) -> dict:
+    """MACs, peaks and GEMM ceilings; with inference results, each of their latencies against its floor."""
     cpu = cpu_info()
-    student = build_model("mobilenet_v2", 10)
-    macs = model_macs(student)
+    arch = (inference or {}).get("arch") or {"name": "mobilenet_v2", "num_classes": 10, "kwargs": {}}
+    macs = model_macs(build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {})))
     peak = theoretical_peak(cpu)
     ceiling = {str(t): gemm_ceiling(t) for t in threads if t <= (cpu.get("logical_cpus") or 1)}
-    result = {"model": "mobilenet_v2 (width 1.0, 10 classes, 32x32)", "macs": macs, "peak": peak, "gemm": ceiling}
-    if latency:
-        result["rows"] = floor_rows(latency, macs["macs_per_image"], peak, ceiling)
+    result = {"model": arch, "macs": macs, "peak": peak, "gemm": ceiling}
+    if inference and inference.get("latency"):
+        result["rows"] = floor_rows(inference["latency"], macs["macs_per_image"], peak, ceiling)
     return result
 
 
 def show(result: dict) -> None:
     m, p = result["macs"], result["peak"]
+    arch = result["model"]
     print(
-        f"\nFloor: {result['model']}: {m['macs_per_image'] / 1e6:.2f} M MACs per image "
+        f"\nFloor: {arch['name']} {arch.get('kwargs') or ''}: {m['macs_per_image'] / 1e6:.2f} M MACs per image "
         f"({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in m['per_op'].items())})"
     )
     print(f"Peak derivation: {p['derivation']}")
@@ -196,10 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     try:
         with open(args.latency) as f:
-            latency = json.load(f)["latency"]
-    except (OSError, KeyError, ValueError):
-        latency = None
-    result = measure(latency)
+            inference = json.load(f)
+    except (OSError, ValueError):
+        inference = None
+    result = measure(inference)
     show(result)
     print(f"-> {write_results('floor', {'environment': finish(env), 'floor': result})}")
 

@@ -54,8 +54,8 @@ def untrained_int8_student(work: Path, calibration_batches: int = 8) -> Path:
     return quantize_static(work / "float.pt", work / "int8.pt", RunOptions(), batches=calibration_batches)
 
 
-def build_artifacts(work: Path, checkpoint: Path | None) -> tuple[dict, dict]:
-    """Export int8 (kdq.export) and fp32 artifacts; return the runners and the sizes in bytes."""
+def build_artifacts(work: Path, checkpoint: Path | None) -> tuple[dict, dict, dict]:
+    """Export int8 (kdq.export) and fp32 artifacts; return the runners, the sizes in bytes and the architecture."""
     checkpoint = checkpoint or untrained_int8_student(work)
     target = load_target("x86")
     export(checkpoint, work / "int8", target, verify=False)
@@ -78,14 +78,14 @@ def build_artifacts(work: Path, checkpoint: Path | None) -> tuple[dict, dict]:
             "state_dict": state_dict_bytes(model),
             **{fmt: (folder / name).stat().st_size for fmt, name in ARTIFACTS.items()},
         }
-    return runners, sizes
+    return runners, sizes, ckpt[ck.ARCH]
 
 
 def measure(checkpoint: Path | None, rounds: int, runs: int, warmup: int, threads: list[int], batches: list[int]):
     grid = {"batch_sizes": batches, "threads": threads, "warmup": warmup, "runs": runs}
     with tempfile.TemporaryDirectory(prefix="kdq-bench-") as tmp:
         work = Path(tmp)
-        runners, sizes = build_artifacts(work, checkpoint)
+        runners, sizes, arch = build_artifacts(work, checkpoint)
         every = []
         for r in range(rounds):
             print(f"[inference] round {r + 1}/{rounds}", file=sys.stderr)
@@ -103,6 +103,7 @@ def measure(checkpoint: Path | None, rounds: int, runs: int, warmup: int, thread
     }
     return {
         "model": str(checkpoint) if checkpoint else "untrained mobilenet_v2 student (width 1.0), x86 PTQ",
+        "arch": arch,
         "grid": {
             **grid,
             "rounds": rounds,

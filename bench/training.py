@@ -285,7 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-steps", type=int, default=60 if cuda else 5, help="steps per epoch")
     parser.add_argument("--teacher-steps", type=int, default=40 if cuda else 3, help="steps per epoch")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-    parser.add_argument("--pipeline-images", type=int, default=8192, help="images per epoch, pipelines alone")
+    parser.add_argument("--pipeline-images", type=int, default=4096, help="images per epoch, pipelines alone")
 
 
 def run(args: argparse.Namespace) -> dict:
