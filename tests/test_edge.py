@@ -38,7 +38,7 @@ def run(cmd: list, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def uv() -> list[str]:
     exe = shutil.which("uv")
-    return [exe] if exe else [sys.executable, "-m", "uv"]
+    return [exe] if exe else ["python3", "-m", "uv"]  # as the Makefile: uv, or the pip-installed module
 
 
 def write_pnm(path: Path, pixels: np.ndarray) -> Path:

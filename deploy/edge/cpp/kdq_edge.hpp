@@ -629,6 +629,7 @@ inline std::string usage(const std::string& prog, const std::string& runtime) {
          "  --logits         with --json: include the raw logits\n"
          "  --threads N      intra-op threads (default 1)\n"
          "  --bench RUNS     then time RUNS batch-1 inferences on the first image (median ms)\n"
+         "  --dump-input F   write the first image's preprocessed float32 tensor (1x3xHxW) to F\n"
          "\nConvert other formats with `kdq-edge to-ppm IMAGE OUT.ppm`.\n"
          "Exit status: 0 ok; 1 an image could not be used; 2 usage; 3 the model cannot be loaded.\n";
 }
