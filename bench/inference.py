@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -85,11 +86,14 @@ def measure(checkpoint: Path | None, rounds: int, runs: int, warmup: int, thread
     grid = {"batch_sizes": batches, "threads": threads, "warmup": warmup, "runs": runs}
     with tempfile.TemporaryDirectory(prefix="kdq-bench-") as tmp:
         work = Path(tmp)
+        t0 = time.perf_counter()
         runners, sizes, arch = build_artifacts(work, checkpoint)
+        print(f"[inference] artifacts built in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
         every = []
         for r in range(rounds):
-            print(f"[inference] round {r + 1}/{rounds}", file=sys.stderr)
+            t0 = time.perf_counter()
             every.append(_latency_grid(runners, work / "int8", work / "fp32", grid))
+            print(f"[inference] round {r + 1}/{rounds}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     best = []
     for cells in zip(*every, strict=True):
         best.append({**cells[0], "ms": min(c["ms"] for c in cells), "rounds_ms": [c["ms"] for c in cells]})
@@ -161,8 +165,8 @@ def show(result: dict) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="a quantized kdq checkpoint (default: untrained)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the whole grid")
-    parser.add_argument("--runs", type=int, default=60, help="timed runs per cell at batch 1 (batch 64: runs / 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of the whole grid")
+    parser.add_argument("--runs", type=int, default=100, help="timed runs per cell at batch 1 (batch 64: runs / 5)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
