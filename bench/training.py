@@ -10,7 +10,9 @@ to 4 px with reflect padding, horizontal flip) and the same SGD step, on generat
   per image (numpy -> PIL -> RandomCrop, RandomHorizontalFlip, ToTensor, Normalize), `num_workers` worker
   processes (persistent, so worker start-up is not counted: the conventional side's best case), NCHW fp32
   as the seed ran it, and again with channels_last so the layout's share of the difference shows.
-Steady state: the first epoch is warm-up (and torch.compile's compile time); the best later epoch counts.
+Steady state: each pipeline runs a warm-up epoch (and torch.compile's compile time) and a timed one, in rounds
+that interleave the pipelines; the best round counts and every round is recorded (a shared machine only
+ever slows a round down).
 The pipelines alone (batches produced per second, no model) are measured as well, which is what decides the
 outcome once the model step is fast (GPUs). On a GPU the comparison adds bf16, channels_last and
 torch.compile, and projects the wall time of the `cifar10` preset from the measured rates.
