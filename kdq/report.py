@@ -436,6 +436,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
     for key, (name, fig) in figures.items():
         save_png(fig, plots_dir / name)
         plots[key] = f"{PLOTS}/{name}"
+    for stale in set(plots_dir.glob("*.png")) - {plots_dir / name for name, _ in figures.values()}:
+        stale.unlink()  # from an earlier report of this run (say, of an export since removed)
     markdown = build_markdown(run, plots)
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
     save_text(markdown, md_path)

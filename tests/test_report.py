@@ -214,6 +214,8 @@ def test_plots_draw_exactly_the_json_values():
 def test_partial_run_reports_what_it_has(tmp_path):
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "history.json").write_text(json.dumps(history(3, 0.5)))
+    (tmp_path / PLOTS).mkdir()
+    (tmp_path / PLOTS / "export-x86_latency.png").write_bytes(PNG_MAGIC)  # from an earlier report: removed
     md_path, html_path = write_report(tmp_path)
     md = md_path.read_text()
     assert [p.name for p in (tmp_path / PLOTS).iterdir()] == ["training_curves.png"]
