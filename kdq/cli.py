@@ -10,19 +10,21 @@ import click
 
 from kdq import recipes
 from kdq.config import PRESETS, Preset, get_preset
+from kdq.data import DATASETS
 from kdq.errors import KdqError
+from kdq.files import check_writable
 from kdq.models import TEACHERS
 from kdq.quant import BACKENDS
 from kdq.train import CHECKPOINT, override
 
 
 class KdqGroup(click.Group):
-    """Turns every KdqError (and bad values) into `Error: <one line>` and exit code 1."""
+    """Turns every KdqError (and bad values, and OS errors) into `Error: <one line>` and exit code 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (KdqError, ValueError) as e:
+        except (KdqError, ValueError, OSError) as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else e.__class__.__name__) from e
 
 
@@ -50,6 +52,13 @@ def run_options(f):
             envvar="KDQ_DATA_DIR",
             help="Dataset root (CIFAR-10 parent folder, or an image folder).",
         ),
+        click.option(
+            "--dataset",
+            type=click.Choice(DATASETS),
+            default=None,
+            help="Dataset instead of the preset's: folder = your own class folders under --data-dir  "
+            "[default: the preset's]",
+        ),
         click.option("--download", is_flag=True, help="Download the dataset (CIFAR-10) if missing, md5-verified."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--resume", is_flag=True, help="Continue from the stage's checkpoint if there is one."),
@@ -61,8 +70,8 @@ def run_options(f):
         f = d(f)
 
     @functools.wraps(f)
-    def wrapper(preset, run_dir, data_dir, download, device, resume, overwrite, compile_, seed, **kwargs):
-        p = recipes.with_overrides(get_preset(preset), seed=seed)
+    def wrapper(preset, run_dir, data_dir, dataset, download, device, resume, overwrite, compile_, seed, **kwargs):
+        p = recipes.with_overrides(get_preset(preset), seed=seed, dataset=dataset)
         opts = recipes.RunOptions(data_dir, download, device, resume, overwrite, compile_)
         return f(p, Path(run_dir or Path("runs") / p.name), opts, **kwargs)
 
@@ -126,6 +135,7 @@ def soft_targets(preset: Preset, run_dir: Path, opts, teacher_path) -> None:
     out = run_dir / recipes.SOFT_TARGETS
     if out.exists() and not opts.overwrite:
         raise KdqError(f"{out} exists; pass --overwrite to recompute it")
+    check_writable(out.parent)
     data = recipes.load_data(preset, opts)
     click.echo(recipes.compute_soft_targets(teacher_path or run_dir / "teacher" / CHECKPOINT, data, out, opts.device))
 
@@ -269,9 +279,13 @@ def quantize(checkpoint: Path, backend, calibration_batches, out, data_dir, over
     default=None,
     help="Write the results JSON here  [default: evaluation_results.json beside the first checkpoint's run]",
 )
-def evaluate(checkpoints, data_dir, out) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing results JSON.")
+def evaluate(checkpoints, data_dir, out, overwrite) -> None:
     """Accuracy, per-class accuracy, confusion matrix, size and CPU latency of checkpoints."""
     out = out or Path(checkpoints[0]).parent.parent / recipes.EVALUATION_JSON
+    if out.exists() and not overwrite:
+        raise KdqError(f"{out} exists; pass --overwrite to replace it (or --out elsewhere)")
+    check_writable(out.parent)  # fail before the (slow) evaluation, not after it
     results = recipes.evaluate_checkpoints(list(checkpoints), recipes.RunOptions(data_dir=data_dir), out)
     click.echo(recipes.format_table(results))
     click.echo(f"-> {out}")

@@ -139,7 +139,10 @@ def load_cifar10(root: Path, download: bool = False, verify: bool = True) -> Dat
             if not path.is_file():
                 raise DataError(f"{path} is missing; re-download CIFAR-10 with --download")
             if verify and not check_integrity(str(path), md5):
-                raise DataError(f"{path}: md5 mismatch (corrupt or modified); delete it and re-download")
+                raise DataError(
+                    f"{path}: md5 mismatch ({path.stat().st_size} bytes: truncated, corrupt or modified); "
+                    "delete it and re-download"
+                )
             parts.append(read_cifar_batch(path))
         return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 

@@ -26,7 +26,7 @@ from torch import nn
 import kdq
 from kdq import checkpoint as ck
 from kdq.errors import KdqError
-from kdq.files import save_json, save_text
+from kdq.files import check_writable, save_json, save_text
 from kdq.quant import QUANTIZATION, float_reference, int8_model
 
 MANIFEST = "manifest.json"
@@ -98,7 +98,10 @@ def export_onnx(model: nn.Module, path: Path, opset: int, image_size: int = 32) 
             model.eval(), (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )  # fmt: skip
-    onnx.checker.check_model(str(path), full_check=True)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"the exported {path.name} is not valid ONNX ({str(e).strip().splitlines()[0][:200]})") from e
 
 
 def build_manifest(ckpt: dict, checkpoint: Path, target: Target, folder: Path) -> dict:
@@ -177,8 +180,8 @@ def export(
             f"{checkpoint} was quantized for {ckpt[QUANTIZATION]['backend']}, target {target.name!r} needs "
             f"{target.backend}: `kdq quantize --backend {target.backend}` first"
         )
+    check_writable(out.parent)
     model = int8_model(ckpt, checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
         if "torchscript" in target.formats:

@@ -12,27 +12,85 @@ from typing import Any
 
 import torch
 
+from kdq.errors import KdqError
+
+
+class OutputError(KdqError):
+    """An output cannot be written (folder not writable, disk full, a file in the way)."""
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or e.__class__.__name__
+
+
+def check_writable(folder: Path | str) -> None:
+    """Create `folder` if needed and prove a file can be written there, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kdq-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OutputError(f"output folder {folder} is not writable ({_why(e)}); choose another --run-dir/--out") from e
+
+
+def remove_stale_temps(path: Path | str) -> list[Path]:
+    """Delete the temporary files a killed writer of `path` left behind (`.NAME.*.tmp`); returns them."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
 
 @contextmanager
 def atomic_output(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
     A kill at any moment leaves either the old file or the new one, never a torn one (rename is
-    atomic within a filesystem). On error the temporary file is removed.
+    atomic within a filesystem; the folder is fsynced too, so the rename survives a power cut). On error
+    the temporary file is removed; an OSError (not writable, disk full) becomes a one-line OutputError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {_why(e)}") from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would have
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {_why(e)}") from e
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows): the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_torch(obj: Any, path: Path | str) -> None:

@@ -29,15 +29,55 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 
 def verify_artifacts(folder: Path) -> dict:
-    """The manifest, after checking that every artifact it lists has the recorded sha256."""
-    from kdq.export import MANIFEST, sha256
+    """The manifest, after checking that every artifact it lists has the recorded sha256.
 
-    manifest = json.loads((folder / MANIFEST).read_text())
-    for art in manifest["artifacts"].values():
-        actual = sha256(folder / art["file"])
-        if actual != art["sha256"]:
-            raise click.ClickException(f"{folder / art['file']}: sha256 {actual[:12]}… does not match the manifest")
+    Nothing in the folder is loaded before this passes; a failure is a one-line ExportError.
+    """
+    from kdq.export import MANIFEST, ExportError, sha256
+
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{path} not found: {folder} is not a kdq export folder")
+    try:
+        manifest = json.loads(path.read_text())
+        artifacts = manifest["artifacts"]
+        files = {fmt: (art["file"], art["sha256"]) for fmt, art in artifacts.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"{path}: not a kdq export manifest ({e.__class__.__name__})") from e
+    for name, expected in files.values():
+        if not isinstance(name, str) or Path(name).name != name:  # only plain names: never a path out of the folder
+            raise ExportError(f"{path}: artifact name {name!r} is not a plain file name")
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder / name} is missing (the manifest lists it)")
+        actual = sha256(folder / name)
+        if actual != expected:
+            raise ExportError(
+                f"{folder / name}: sha256 {actual[:12]}… does not match the manifest ({str(expected)[:12]}…); "
+                "refusing to load it"
+            )
     return manifest
+
+
+def load_torchscript(path: Path):
+    """torch.jit.load with a one-line ExportError for a file that is not TorchScript (call after verify_artifacts)."""
+    from kdq.export import ExportError
+
+    try:
+        return torch.jit.load(str(path))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
+        raise ExportError(f"{path}: not a loadable TorchScript model ({first})") from e
+
+
+def load_onnx(path: Path, threads: int):
+    """An ONNX Runtime session, or a one-line ExportError for a file that is not ONNX (call after verify_artifacts)."""
+    from kdq.export import ExportError
+
+    try:
+        return ort_session(path, threads)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:400]
+        raise ExportError(f"{path}: not a valid ONNX model ({first})") from e
 
 
 def torch_runner(model: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
@@ -159,9 +199,12 @@ def check_gates(report: dict, gates: dict) -> list[dict]:
 
 
 def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | None, latency_runs: int | None) -> dict:
-    from kdq.export import ARTIFACTS
+    from kdq.export import ARTIFACTS, ExportError, sha256
 
     manifest = verify_artifacts(folder)
+    source = manifest.get("source", {}).get("sha256")
+    if source is not None and sha256(checkpoint) != source:
+        raise ExportError(f"{checkpoint} is not the checkpoint {folder} was exported from (sha256 differs)")
     ckpt = ck.load_checkpoint(checkpoint)
     torch.backends.quantized.engine = ckpt[QUANTIZATION]["backend"]
     target = manifest["target"]
@@ -176,9 +219,9 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     runners: dict[tuple[str, str], Runner] = {("pytorch", "int8"): torch_runner(int8_model(ckpt, checkpoint))}
     formats = manifest["artifacts"]
     if "torchscript" in formats:
-        runners[("torchscript", "int8")] = torch_runner(torch.jit.load(str(folder / ARTIFACTS["torchscript"])))
+        runners[("torchscript", "int8")] = torch_runner(load_torchscript(folder / ARTIFACTS["torchscript"]))
     if "onnx" in formats:
-        runners[("onnxruntime", "int8")] = ort_runner(ort_session(folder / ARTIFACTS["onnx"], 1))
+        runners[("onnxruntime", "int8")] = ort_runner(load_onnx(folder / ARTIFACTS["onnx"], 1))
     fp32 = float_reference(ckpt)
     if fp32 is not None:
         runners[("pytorch", "fp32")] = torch_runner(fp32)
@@ -268,7 +311,12 @@ def format_report(report: dict) -> str:
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | None, latency_runs: int | None, out: Path):
     """Measure parity and latency of an export folder; write the JSON report."""
-    report = measure(folder, checkpoint, data_dir, reference, latency_runs)
+    from kdq.errors import KdqError
+
+    try:
+        report = measure(folder, checkpoint, data_dir, reference, latency_runs)
+    except KdqError as e:
+        raise click.ClickException(str(e).splitlines()[0]) from e
     save_json(report, out)
     print(format_report(report), file=sys.stderr)
 

@@ -21,7 +21,7 @@ from kdq import checkpoint as ck
 from kdq.config import Preset
 from kdq.data import Dataset, Normalize, load_dataset
 from kdq.evaluate import evaluate_model, predict_logits
-from kdq.files import save_json, save_torch
+from kdq.files import check_writable, save_json, save_torch
 from kdq.models import build_model
 from kdq.quant import FLOAT_MODEL, QUANTIZATION, get_flow, int8_model, is_quantized
 from kdq.train import CHECKPOINT, Distill, Runtime, TrainingError, fit, setup_runtime
@@ -182,6 +182,7 @@ def quantize_static(
     if out.exists() and not opts.overwrite:
         raise ck.CheckpointError(f"{out} exists; pass --overwrite to replace it")
     ckpt = ck.load_checkpoint(checkpoint)
+    check_writable(out.parent)
     if is_quantized(ckpt):
         raise ck.CheckpointError(f"{checkpoint} is already quantized ({ckpt[QUANTIZATION]['mode']})")
     model = ck.model_from_checkpoint(ckpt, checkpoint)
@@ -230,8 +231,10 @@ def _soft_targets_for(teacher_path: Path, data: Dataset, run_dir: Path, opts: Ru
             compute_soft_targets(teacher_path, data, path, opts.device)
         if rt.world_size > 1:
             torch.distributed.barrier()
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    logits = saved["logits"]
+    saved = ck.load_weights(path, "soft targets file")
+    logits = saved.get("logits") if isinstance(saved, dict) else None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise TrainingError(f"{path} is not a soft targets file (no logits); delete it or run `kdq soft-targets`")
     if saved.get("dataset") != data.name or len(logits) != len(data.train):
         raise TrainingError(
             f"{path} holds {len(logits)} logits for {saved.get('dataset')!r}, the training set is "

@@ -4,13 +4,16 @@ Data stays on the device as uint8; each step gathers a shuffled batch, augments 
 normalizes it. Each epoch's shuffling and augmentation come from a generator seeded by (seed, epoch),
 and the global RNG (dropout, MixUp) is saved in every checkpoint, so a resumed run is bit-identical
 to an uninterrupted one. Under torchrun every rank augments the same global batch and keeps its
-slice of it: N processes see exactly the data one process would.
+slice of it: N processes see exactly the data one process would, and on CPU BatchNorm statistics are
+all-reduced over that global batch (`sync_batchnorm_cpu`), so a step computes the one-process gradient
+up to float rounding.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import sys
 import time
@@ -28,11 +31,14 @@ from kdq.config import Augment, Optim
 from kdq.data import Dataset, Normalize, augment, shuffled_batches
 from kdq.errors import KdqError
 from kdq.evaluate import predict_logits
-from kdq.files import save_json
+from kdq.files import check_writable, remove_stale_temps, save_json
 from kdq.losses import KDLoss
 
 CHECKPOINT = "checkpoint.pt"
 HISTORY_JSON = "history.json"
+# Under DDP every collective (and rank 0's soft targets, behind a barrier) must finish within this many
+# seconds, else the job fails instead of hanging; override with the environment variable KDQ_DIST_TIMEOUT.
+DIST_TIMEOUT_S = 300
 
 
 class TrainingError(KdqError):
@@ -71,8 +77,9 @@ def setup_runtime(device: str = "auto") -> Runtime:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        # A timeout turns a dead peer into an error instead of a hang.
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=5))
+        # A timeout turns a hung peer into an error instead of a hang (a dead one fails at once: its sockets close).
+        seconds = float(os.environ.get("KDQ_DIST_TIMEOUT", DIST_TIMEOUT_S))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=seconds))
     return Runtime(dev, rank, world_size)
 
 
@@ -83,11 +90,55 @@ def _all_reduce(values: list[float], rt: Runtime) -> list[float]:
     return t.tolist()
 
 
-def _check_compatible(ckpt: dict, model: nn.Module, path: Path) -> None:
+def _check_compatible(ckpt: dict, model: nn.Module, path: Path, recipe: dict) -> None:
+    """A resumed run must continue the same recipe: same model, data order, schedule and loss."""
+    saved = ckpt.get(ck.RECIPE)
+    if saved is not None and saved != recipe:
+        old, new = _flatten(saved), _flatten(recipe)
+        diffs = [
+            f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+        ]
+        raise TrainingError(
+            f"{path}: cannot resume with other settings ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); "
+            "use the original options, or --overwrite to start over"
+        )
     try:
         model.load_state_dict(ckpt[ck.MODEL])
     except RuntimeError as e:
-        raise TrainingError(f"{path}: cannot resume, weights do not fit this model ({str(e).splitlines()[0]})") from e
+        why = ck.state_dict_mismatch(e)
+        raise TrainingError(f"{path}: cannot resume, weights do not fit this model ({why})") from e
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_finite(model: nn.Module, stage: str, epoch: int, ckpt_path: Path) -> None:
+    """Never checkpoint NaN/inf weights or BN statistics: the last good checkpoint must stay the last one.
+
+    (Quantization observers legitimately hold +-inf until they see data: only weights and BN statistics count.)
+    """
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith(("_mean", "_var")))]
+    for name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TrainingError(
+                f"[{stage}] {name} became non-finite in epoch {epoch}; lower --lr "
+                f"(last good checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none'})"
+            )
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another process died or hung (gloo/NCCL transport errors, timeouts)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: Optim, steps_per_epoch: int):
@@ -103,6 +154,27 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: Optim, steps_per_epo
     raise TrainingError(f"unknown schedule {optim.schedule!r}; choose from: onecycle, cosine")
 
 
+def _fail_clearly_when_a_peer_is_lost(f):
+    """Under DDP, a transport error or timeout (another rank died or hung) becomes a one-line TrainingError."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        rt = kwargs["rt"]
+        try:
+            return f(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as e:
+            if rt.world_size == 1 or isinstance(e, KdqError) or not _lost_peer(e):
+                raise
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+            raise TrainingError(
+                f"rank {rt.rank}/{rt.world_size}: another process of the job failed or stopped responding ({first}); "
+                "the last checkpoint is kept: restart the job with --resume"
+            ) from e
+
+    return wrapper
+
+
+@_fail_clearly_when_a_peer_is_lost
 def fit(
     model: nn.Module,
     arch: dict,
@@ -150,6 +222,18 @@ def fit(
     mixing = aug.cutmix_alpha > 0 or aug.mixup_alpha > 0
     if mixing and distill.alpha > 0 and distill.teacher is None:
         raise TrainingError("CutMix/MixUp change the images the teacher must see: use online distillation")
+    if rt.is_main:  # only rank 0 writes; fail now, not after the first epoch
+        check_writable(out_dir)
+        remove_stale_temps(ckpt_path)  # left by a run killed while writing
+        remove_stale_temps(out_dir / HISTORY_JSON)
+    recipe = {
+        "arch": arch,
+        "optim": dataclasses.asdict(optim),
+        "augment": dataclasses.asdict(aug),
+        "seed": seed,
+        "alpha": distill.alpha,
+        "temperature": distill.temperature,
+    }
 
     dev = rt.device
     mean, std = data.normalization()
@@ -181,11 +265,12 @@ def fit(
         ck.EPOCH: 0,
         ck.HISTORY: [],
         ck.DONE: False,
+        ck.RECIPE: recipe,
         **(extra or {}),
     }
     if resume and ckpt_path.exists():
         saved = ck.load_checkpoint(ckpt_path)
-        _check_compatible(saved, model, ckpt_path)
+        _check_compatible(saved, model, ckpt_path, recipe)
         optimizer.load_state_dict(saved[ck.OPTIMIZER])
         scheduler.load_state_dict(saved[ck.SCHEDULER])
         torch.set_rng_state(saved[ck.RNG]["torch"])
@@ -197,6 +282,8 @@ def fit(
 
     raw_model = model
     if rt.world_size > 1:
+        if dev.type == "cpu":
+            sync_batchnorm_cpu(model)  # BN statistics over the global batch, as one process computes them
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     step_model = torch.compile(model) if compile else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -268,6 +355,7 @@ def fit(
             "epoch_seconds": seconds,
             "images_per_second": seen / seconds,
         }
+        _check_finite(raw_model, stage, epoch + 1, ckpt_path)
         history.append(record)
         stale = 0 if test_acc > best else stale + 1
         best = max(best, test_acc)
@@ -311,6 +399,70 @@ def _test_accuracy(model: nn.Module, data: Dataset, normalize: Normalize, rt: Ru
     correct, total = _all_reduce([(logits.argmax(1) == labels).sum().item(), len(labels)], rt)
     model.train(was_training)
     return correct / total
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    """Training-mode batch norm over the batch of every rank: per-channel sums all-reduced (float64), NCHW."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        c, dims, f64 = x.shape[1], (0, 2, 3), torch.float64
+        # Two passes (mean, then squared deviations), like BatchNorm itself: E[x^2] - E[x]^2 cancels badly.
+        sums = torch.cat([x.sum(dims, dtype=f64), x.new_tensor([x.numel() // c], dtype=f64)])
+        dist.all_reduce(sums)
+        n = sums[-1]
+        mean = (sums[:c] / n).to(x.dtype)[None, :, None, None]
+        centered = x - mean
+        sq = (centered * centered).sum(dims, dtype=f64)
+        dist.all_reduce(sq)
+        var = sq / n
+        invstd = (var + eps).rsqrt().to(x.dtype)
+        xhat = centered * invstd[None, :, None, None]
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.n = n
+        y = xhat * weight[None, :, None, None] + bias[None, :, None, None]
+        batch_mean, batch_var = mean.flatten(), (var * n / (n - 1).clamp_min(1)).to(x.dtype)  # unbiased, as BN
+        ctx.mark_non_differentiable(batch_mean, batch_var)
+        return y, batch_mean, batch_var
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var):
+        xhat, weight, invstd = ctx.saved_tensors
+        c, dims = xhat.shape[1], (0, 2, 3)
+        local = torch.cat([dy.sum(dims, dtype=torch.float64), (dy * xhat).sum(dims, dtype=torch.float64)])
+        total = local.clone()
+        dist.all_reduce(total)  # every rank's dy carries the same 1/world_size: DDP averages the parameters' grads
+        mean_dy = (total[:c] / ctx.n).to(dy.dtype)[None, :, None, None]
+        mean_dy_xhat = (total[c:] / ctx.n).to(dy.dtype)[None, :, None, None]
+        dx = (weight * invstd)[None, :, None, None] * (dy - mean_dy - xhat * mean_dy_xhat)
+        return dx, local[c:].to(dy.dtype), local[:c].to(dy.dtype), None
+
+
+class _CpuSyncBatchNorm(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training-mode statistics cover all ranks (nn.SyncBatchNorm has no CPU kernel).
+
+    Same parameters, buffers and state_dict as nn.BatchNorm2d; eval mode, frozen BN (QAT) and one process
+    are plain BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        y, mean, var = _SyncBatchNormFn.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var, m)
+        return y
+
+
+def sync_batchnorm_cpu(model: nn.Module) -> None:
+    """Make every (affine, float) BatchNorm2d of `model` synchronize its statistics across ranks, in place."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d and m.affine:
+            m.__class__ = _CpuSyncBatchNorm
 
 
 def _mixer(aug: Augment, num_classes: int):

@@ -1,0 +1,452 @@
+"""The bad-input matrix (docs/errors.md): every case through the real CLI, each asserting the exact one-line
+`Error: ...`, a non-zero exit, and that no file was lost or changed (inputs and outputs hashed before and after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from kdq import checkpoint as ck
+from kdq.cli import main
+from kdq.models import build_model
+from kdq.parity import main as parity_main
+
+SMOKE = ["--preset", "smoke", "--width", "0.35", "--device", "cpu"]  # a student command
+SMOKE_T = ["--preset", "smoke", "--device", "cpu"]  # a teacher command
+
+
+def invoke(*args, command=main):
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every file under `roots` (hidden and temp files included) -> sha256 of its bytes."""
+    files = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")):
+            if p.is_file():
+                files[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir() and not any(p.iterdir()):
+                files[str(p)] = "empty dir"
+    return files
+
+
+def fails(args, message: str | re.Pattern, *roots: Path, code: int = 1, command=main) -> str:
+    """Run the CLI; it must exit `code` with `Error: message` as its one error line and leave `roots` untouched."""
+    before = snapshot(*roots)
+    result = invoke(*args, command=command)
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    if isinstance(message, re.Pattern):
+        assert message.fullmatch(errors[0][len("Error: ") :]), errors[0]
+    else:
+        assert errors[0] == f"Error: {message}"
+    if code == 1:  # a KdqError: nothing but the one line (no traceback, no usage text)
+        assert result.output.strip().splitlines()[-1] == errors[0] and "Traceback" not in result.output
+    assert snapshot(*roots) == before, "a file was created, changed or lost"
+    return errors[0]
+
+
+def write_images(root: Path, classes: list[str], per_class: int) -> Path:
+    for i, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            Image.new("RGB", (20, 20), (40 * i, 7 * j, 255 - 40 * i)).save(root / c / f"{j}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A float student (1 epoch), its int8 PTQ, an unverified x86 export, and a 3-class teacher from an image folder."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("errors")
+    run = root / "run"
+    steps = [
+        ["baseline", *SMOKE, "--epochs", "1", "--batch-size", "128", "--run-dir", run],
+        ["quantize", run / "baseline" / "checkpoint.pt", "--calibration-batches", "2"],
+        ["export", run / "baseline_ptq" / "checkpoint.pt", "--no-verify", "--out", root / "export"],
+        ["teacher", *SMOKE_T, "--dataset", "folder", "--data-dir", write_images(root / "abc", list("abc"), 10),
+         "--epochs", "1", "--batch-size", "4", "--run-dir", root / "abc-run"],
+    ]  # fmt: skip
+    for argv in steps:
+        result = invoke(*argv)
+        assert result.exit_code == 0, result.output
+    torch.set_num_threads(threads)
+    return root
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+def test_missing_dataset_folder(tmp_path):
+    fails(
+        ["teacher", "--preset", "cifar10", "--data-dir", tmp_path / "nope", "--run-dir", tmp_path / "run"],
+        f"CIFAR-10 not found in {tmp_path / 'nope' / 'cifar-10-batches-py'}; pass --download or set --data-dir to "
+        "its parent",
+        tmp_path,
+    )
+    fails(
+        ["teacher", *SMOKE_T, "--dataset", "folder", "--data-dir", tmp_path / "nope", "--run-dir", tmp_path / "run"],
+        f"image folder {tmp_path / 'nope'} not found; give --data-dir a folder of class folders",
+        tmp_path,
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
+def test_damaged_cifar_batch(fake_cifar, tmp_path, damage):
+    batch = fake_cifar / "cifar-10-batches-py" / "data_batch_1"
+    data = batch.read_bytes()
+    batch.write_bytes(data[:1000] if damage == "truncated" else data[:-1] + bytes([data[-1] ^ 1]))
+    size = batch.stat().st_size
+    fails(
+        ["teacher", "--preset", "cifar10", "--data-dir", fake_cifar, "--run-dir", tmp_path / "run"],
+        f"{batch}: md5 mismatch ({size} bytes: truncated, corrupt or modified); delete it and re-download",
+        fake_cifar,
+    )
+
+
+def test_cifar_batch_missing_from_the_folder(fake_cifar, tmp_path):
+    missing = fake_cifar / "cifar-10-batches-py" / "data_batch_1"
+    missing.unlink()
+    fails(
+        ["distill", "--preset", "cifar10", "--data-dir", fake_cifar, "--run-dir", tmp_path / "run"],
+        f"{missing} is missing; re-download CIFAR-10 with --download",
+        fake_cifar,
+    )
+
+
+def test_corrupt_image_in_an_image_folder(tmp_path):
+    images = write_images(tmp_path / "imgs", ["cat", "dog"], 6)
+    (images / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
+    fails(
+        ["teacher", *SMOKE_T, "--dataset", "folder", "--data-dir", images, "--run-dir", tmp_path / "run"],
+        f"{images / 'dog' / 'bad.png'}: cannot decode image (UnidentifiedImageError); fix or remove it",
+        tmp_path,
+    )
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_of_another_architecture(ws, tmp_path):
+    saved = ck.load_checkpoint(ws / "run" / "baseline" / "checkpoint.pt")
+    saved[ck.ARCH] = {"name": "resnet18", "num_classes": 10, "kwargs": {}}
+    ck.save_checkpoint(saved, tmp_path / "resnet.pt")
+    missing = [k for k in build_model("resnet18", 10).state_dict() if k not in saved[ck.MODEL]]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # (BN tolerates those missing)
+    fails(
+        ["evaluate", tmp_path / "resnet.pt", "--out", tmp_path / "eval.json"],
+        f"{tmp_path / 'resnet.pt'}: weights do not fit resnet18 (missing key(s) in state_dict: conv1.weight, "
+        f"bn1.weight, ... ({len(missing)} in all))",
+        tmp_path,
+    )
+    # Resuming a run as another architecture (here: another width) is refused before anything is loaded into it.
+    fails(
+        ["baseline", "--preset", "smoke", "--width", "0.5", "--epochs", "1", "--batch-size", "128", "--device", "cpu",
+         "--run-dir", ws / "run", "--resume"],
+        f"{ws / 'run' / 'baseline' / 'checkpoint.pt'}: cannot resume with other settings (arch.kwargs.width_mult "
+        "0.35 -> 0.5); use the original options, or --overwrite to start over",
+        ws,
+    )  # fmt: skip
+
+
+def test_checkpoint_with_another_number_of_classes(ws, tmp_path):
+    teacher = ws / "abc-run" / "teacher" / "checkpoint.pt"
+    message = f"{teacher} was trained on 3 classes ['a', 'b', 'c']..., the data has 10"
+    # The 3-class teacher cannot teach the 10 digits, offline (soft targets) or online ...
+    fails(["distill", *SMOKE, "--teacher", teacher, "--run-dir", tmp_path / "run"], message, tmp_path, ws)
+    fails(["distill", *SMOKE, "--teacher", teacher, "--online", "--run-dir", tmp_path / "run"], message, tmp_path, ws)
+    # ... nor be evaluated on a 2-class folder.
+    two = write_images(tmp_path / "two", ["x", "y"], 5)
+    fails(
+        ["evaluate", teacher, "--data-dir", two, "--out", tmp_path / "e.json"],
+        f"{teacher} was trained on 3 classes ['a', 'b', 'c']..., the data has 2",
+        tmp_path,
+        ws,
+    )
+    # Weights of a 3-class head under a 10-class description.
+    saved = ck.load_checkpoint(teacher)
+    saved[ck.ARCH] = {**saved[ck.ARCH], "num_classes": 10}
+    ck.save_checkpoint(saved, tmp_path / "ten.pt")
+    fails(
+        ["evaluate", tmp_path / "ten.pt", "--out", tmp_path / "e.json"],
+        f"{tmp_path / 'ten.pt'}: weights do not fit mobilenet_v2 (size mismatch for classifier.1.weight: copying a "
+        "param with shape ([3, 1280]) from checkpoint, the shape in current model is ([10, 1280]))",
+        tmp_path,
+    )
+
+
+def test_unreadable_checkpoints(ws, tmp_path):
+    good = (ws / "run" / "baseline" / "checkpoint.pt").read_bytes()
+    (tmp_path / "torn.pt").write_bytes(good[: len(good) // 2])
+    fails(
+        ["evaluate", tmp_path / "torn.pt", "--out", tmp_path / "e.json"],
+        f"{tmp_path / 'torn.pt'}: not a readable checkpoint (truncated or corrupt: RuntimeError: PytorchStreamReader "
+        "failed reading zip archive: failed finding central directory)",
+        tmp_path,
+    )
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    fails(
+        ["quantize", tmp_path / "other.pt"],
+        f"{tmp_path / 'other.pt'}: not a kdq checkpoint (missing ['arch', 'normalization', 'classes', 'stage'])",
+        tmp_path,
+    )
+    fails(
+        ["evaluate", ws / "export" / "model.onnx", "--out", tmp_path / "e.json"],
+        f"{ws / 'export' / 'model.onnx'} is not a kdq checkpoint (.onnx files are exported models)",
+        tmp_path,
+        ws,
+    )
+    fails(
+        ["evaluate", ws / "export" / "model.pt", "--out", tmp_path / "e.json"],
+        f"{ws / 'export' / 'model.pt'} is a TorchScript model, not a kdq checkpoint",
+        tmp_path,
+        ws,
+    )
+
+
+def test_distill_with_a_missing_teacher(tmp_path):
+    fails(
+        ["distill", *SMOKE, "--run-dir", tmp_path / "run"],
+        f"teacher checkpoint {tmp_path / 'run' / 'teacher' / 'checkpoint.pt'} not found; run `kdq teacher` first or "
+        "pass --teacher",
+        tmp_path,
+    )
+
+
+# --- settings ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--alpha", "1.5"], "alpha must be in [0, 1], got 1.5"),
+        (["--alpha", "-0.1"], "alpha must be in [0, 1], got -0.1"),
+        (["--temperature", "0"], "temperature must be > 0, got 0.0"),
+        (["--temperature", "-2"], "temperature must be > 0, got -2.0"),
+        (["--epochs", "0", "--alpha", "0"], "epochs must be > 0, got 0"),
+        (["--epochs", "-1", "--alpha", "0"], "epochs must be > 0, got -1"),
+        (["--batch-size", "5000", "--alpha", "0"], "batch size 5000 must be in 1..1437 (the training set size)"),
+        (["--batch-size", "0", "--alpha", "0"], "batch size 0 must be in 1..1437 (the training set size)"),
+    ],
+)
+def test_bad_settings(tmp_path, args, message):
+    fails(["distill", *SMOKE, "--run-dir", tmp_path / "run", *args], message, tmp_path)
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(ws, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ws / "run" / "baseline", run / "baseline")  # a finished, good run
+    kept = run / "baseline" / "checkpoint.pt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fails(
+            ["baseline", *SMOKE, "--epochs", "2", "--lr", "1e6", "--run-dir", run, "--overwrite"],
+            re.compile(
+                r"\[baseline\] loss became (nan|inf) in epoch 1; lower --lr "
+                rf"\(last good checkpoint kept: {re.escape(str(kept))}\)"
+            ),
+            tmp_path,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert ck.load_checkpoint(kept)[ck.DONE]  # the good run is intact, still loadable
+
+
+def test_output_folder_not_writable(ws, tmp_path):
+    (tmp_path / "file").write_text("a file where a folder should be")
+    fails(
+        ["baseline", *SMOKE, "--epochs", "1", "--run-dir", tmp_path / "file" / "run"],
+        f"output folder {tmp_path / 'file' / 'run' / 'baseline'} is not writable (Not a directory); choose another "
+        "--run-dir/--out",
+        tmp_path,
+    )
+    # A read-only folder. Root ignores permissions, so as root the command runs with the effective uid of nobody.
+    readonly = Path(tempfile.mkdtemp(prefix="kdq-ro-"))  # outside pytest's root-only tmp, so nobody can reach it
+    readable_ckpt = readonly / "in" / "checkpoint.pt"
+    try:
+        readable_ckpt.parent.mkdir()
+        shutil.copy(ws / "run" / "baseline" / "checkpoint.pt", readable_ckpt)
+        readonly.chmod(0o555)
+        as_nobody = os.geteuid() == 0
+        if as_nobody:
+            os.seteuid(65534)
+        try:
+            fails(
+                ["baseline", *SMOKE, "--epochs", "1", "--run-dir", readonly],
+                f"output folder {readonly / 'baseline'} is not writable (Permission denied); choose another "
+                "--run-dir/--out",
+                readonly,
+            )
+            fails(
+                ["evaluate", readable_ckpt, "--out", readonly / "eval.json"],
+                f"output folder {readonly} is not writable (Permission denied); choose another --run-dir/--out",
+                readonly,
+            )
+        finally:
+            if as_nobody:
+                os.seteuid(0)
+    finally:
+        readonly.chmod(0o755)
+        shutil.rmtree(readonly)
+
+
+# --- outputs are never overwritten without --overwrite -----------------------------------------------------------
+
+
+def test_existing_outputs_need_overwrite(ws, tmp_path):
+    run, ckpt = ws / "run", ws / "run" / "baseline" / "checkpoint.pt"
+    fails(
+        ["baseline", *SMOKE, "--epochs", "1", "--batch-size", "128", "--run-dir", run],
+        f"{ckpt} exists; pass --resume to continue it or --overwrite to replace it",
+        ws,
+    )
+    fails(
+        ["quantize", ckpt],
+        f"{run / 'baseline_ptq' / 'checkpoint.pt'} exists; pass --overwrite to replace it",
+        ws,
+    )
+    fails(
+        ["export", run / "baseline_ptq" / "checkpoint.pt", "--no-verify", "--out", ws / "export"],
+        f"{ws / 'export'} exists; pass --overwrite to replace it",
+        ws,
+    )
+    (tmp_path / "eval.json").write_text("{}")
+    fails(
+        ["evaluate", ckpt, "--out", tmp_path / "eval.json"],
+        f"{tmp_path / 'eval.json'} exists; pass --overwrite to replace it (or --out elsewhere)",
+        tmp_path,
+        ws,
+    )
+    torch.save({"logits": torch.zeros(3, 10)}, tmp_path / "soft_targets.pt")
+    fails(
+        ["soft-targets", *SMOKE_T, "--run-dir", tmp_path],
+        f"{tmp_path / 'soft_targets.pt'} exists; pass --overwrite to recompute it",
+        tmp_path,
+    )
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+
+def test_export_of_a_float_checkpoint(ws, tmp_path):
+    ckpt = ws / "run" / "baseline" / "checkpoint.pt"
+    fails(
+        ["export", ckpt, "--out", tmp_path / "export"],
+        f"{ckpt} is a float checkpoint; int8 export needs `kdq quantize` or `kdq distill --qat`",
+        tmp_path,
+        ws,
+    )
+
+
+def test_an_onnx_file_that_is_not_onnx(ws, tmp_path):
+    """The export folder is checked against its manifest before anything in it is loaded."""
+    folder = tmp_path / "export"
+    shutil.copytree(ws / "export", folder)
+    onnx_file = folder / "model.onnx"
+    onnx_file.write_bytes(b"\x08\x07 this is not a protobuf " * 100)
+    ckpt = ws / "run" / "baseline_ptq" / "checkpoint.pt"
+    args = [folder, "--checkpoint", ckpt, "--out", tmp_path / "parity.json", "--latency-runs", "1"]
+    digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    fails(
+        args,
+        f"{onnx_file}: sha256 {digest[:12]}… does not match the manifest "
+        f"({json.loads((folder / 'manifest.json').read_text())['artifacts']['onnx']['sha256'][:12]}…); "
+        "refusing to load it",
+        tmp_path,
+        command=parity_main,
+    )
+    # Even with a manifest rewritten to match it, a file that is not ONNX is named as such, in one line.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["artifacts"]["onnx"]["sha256"] = digest
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    fails(
+        args,
+        f"{onnx_file}: not a valid ONNX model ([ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from "
+        f"{onnx_file} failed:Protobuf parsing failed.)",
+        tmp_path,
+        command=parity_main,
+    )
+    # A manifest that points outside its folder is refused, whatever the file holds.
+    manifest["artifacts"]["onnx"]["file"] = "../../etc/passwd"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    fails(
+        args,
+        f"{folder / 'manifest.json'}: artifact name '../../etc/passwd' is not a plain file name",
+        tmp_path,
+        command=parity_main,
+    )
+    (folder / "manifest.json").unlink()
+    fails(
+        args,
+        f"{folder / 'manifest.json'} not found: {folder} is not a kdq export folder",
+        tmp_path,
+        command=parity_main,
+    )
+
+
+def test_parity_against_another_checkpoint(ws, tmp_path):
+    other = tmp_path / "other.pt"
+    saved = ck.load_checkpoint(ws / "run" / "baseline_ptq" / "checkpoint.pt")
+    saved[ck.STAGE] = "someone else's"
+    ck.save_checkpoint(saved, other)
+    fails(
+        [ws / "export", "--checkpoint", other, "--out", tmp_path / "parity.json"],
+        f"{other} is not the checkpoint {ws / 'export'} was exported from (sha256 differs)",
+        tmp_path,
+        ws,
+        command=parity_main,
+    )
+
+
+# --- names -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["teacher", "--preset", "nope"], "Invalid value for '--preset': 'nope' is not one of 'cifar10', 'demo', "
+         "'smoke'."),
+        (["teacher", "--arch", "resnet9"], "Invalid value for '--arch': 'resnet9' is not one of 'resnet18', "
+         "'resnet34', 'resnet50', 'resnet101', 'resnet152'."),
+        (["distill", "--dataset", "imagenet"], "Invalid value for '--dataset': 'imagenet' is not one of 'digits', "
+         "'cifar10', 'folder'."),
+        (["quantize", "x.pt", "--backend", "riscv"], "Invalid value for '--backend': 'riscv' is not one of 'x86', "
+         "'qnnpack'."),
+    ],
+)  # fmt: skip
+def test_unknown_names_list_the_valid_ones(tmp_path, args, message):
+    fails(args, message, tmp_path, code=2)
+
+
+def test_unknown_export_target_and_model_name(ws, tmp_path):
+    ckpt = ws / "run" / "baseline_ptq" / "checkpoint.pt"
+    fails(
+        ["export", ckpt, "--target", "riscv", "--out", tmp_path / "e"],
+        "unknown export target 'riscv'; choose from: arm, x86 or a .toml path",
+        tmp_path,
+        ws,
+    )
+    saved = ck.load_checkpoint(ws / "run" / "baseline" / "checkpoint.pt")
+    saved[ck.ARCH] = {"name": "vit_b_16", "num_classes": 10, "kwargs": {}}
+    ck.save_checkpoint(saved, tmp_path / "vit.pt")
+    fails(
+        ["evaluate", tmp_path / "vit.pt", "--out", tmp_path / "e.json"],
+        f"{tmp_path / 'vit.pt'}: cannot build its model {saved[ck.ARCH]} (unknown model 'vit_b_16'; choose from: "
+        "resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v2)",
+        tmp_path,
+    )
