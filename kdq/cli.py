@@ -348,14 +348,15 @@ def export_cmd(checkpoint: Path, target, out, data_dir, verify, latency_runs, ov
 @main.command()
 @run_options
 @click.option("--latency-runs", type=int, default=None, help="Export certificate: timed runs per latency cell.")
-def pipeline(preset: Preset, run_dir: Path, opts, latency_runs) -> None:
+@click.option("--target", default=None, help="Export target name or .toml path  [default: x86, or arm for qnnpack]")
+def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target) -> None:
     """Run every stage: teacher -> soft targets -> baseline -> KD student -> QAT -> table -> certified export.
 
     With --resume, finished stages are skipped and an interrupted one continues.
     """
     from kdq.pipeline import run_pipeline
 
-    run_pipeline(preset, run_dir, opts, export_latency_runs=latency_runs)
+    run_pipeline(preset, run_dir, opts, export_latency_runs=latency_runs, target=target)
 
 
 @main.command()

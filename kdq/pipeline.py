@@ -18,7 +18,11 @@ TARGET_FOR_BACKEND = {"x86": "x86", "qnnpack": "arm"}
 
 
 def run_pipeline(
-    preset: Preset, run_dir: Path, opts: recipes.RunOptions, export_latency_runs: int | None = None
+    preset: Preset,
+    run_dir: Path,
+    opts: recipes.RunOptions,
+    export_latency_runs: int | None = None,
+    target: str | None = None,
 ) -> dict:
     """teacher -> baseline -> KD student -> QAT-KD student -> evaluation table -> certified int8 export."""
     run_dir = Path(run_dir)
@@ -33,7 +37,7 @@ def run_pipeline(
     )
     results = recipes.evaluate_checkpoints(list(stages.values()), opts, run_dir / recipes.EVALUATION_JSON)
     click.echo(recipes.format_table(results))
-    target = load_target(TARGET_FOR_BACKEND[preset.quant.backend])
+    target = load_target(target or TARGET_FOR_BACKEND[preset.quant.backend])
     out = run_dir / f"export-{target.name}"
     report = export(
         stages["student_qat"],

@@ -51,7 +51,7 @@ def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions, pretrained: b
     data = load_data(preset, opts)
     torch.manual_seed(preset.seed)
     arch = {"name": preset.teacher, "num_classes": len(data.classes), "kwargs": {}}
-    model = build_model(preset.teacher, len(data.classes), pretrained=pretrained)
+    model = build_model(preset.teacher, len(data.classes), **({"pretrained": True} if pretrained else {}))
     fit(
         model,
         arch,

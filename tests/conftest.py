@@ -69,7 +69,20 @@ def smoke_run(tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     result = CliRunner().invoke(
-        main, ["pipeline", "--preset", "smoke", "--run-dir", str(run_dir), "--device", "cpu", "--latency-runs", "3"]
+        main,
+        [
+            "pipeline",
+            "--preset",
+            "smoke",
+            "--run-dir",
+            str(run_dir),
+            "--device",
+            "cpu",
+            "--latency-runs",
+            "3",
+            "--target",
+            str(Path(__file__).parent / "smoke-target.toml"),
+        ],
     )
     assert result.exit_code == 0, result.output
     return run_dir

@@ -57,7 +57,7 @@ def test_pipeline_export_is_certified(smoke_run):
     parity = json.loads((folder / "parity.json").read_text())
     assert parity["passed"] and parity["test_samples"] == 360
     assert parity["agreement"]["torchscript"]["identical"]
-    assert parity["agreement"]["onnxruntime"]["top1_agreement"] >= 0.99
+    assert parity["agreement"]["onnxruntime"]["top1_agreement"] >= 0.95  # smoke-target.toml: a seconds-old model
     assert parity["ort_int8_kernels"].get("QLinearConv", 0) > 40  # ORT really runs int8 convolutions
     runtimes = {(r["runtime"], r["precision"]) for r in parity["latency"]}
     assert runtimes == {(rt, p) for rt in ("pytorch", "torchscript", "onnxruntime") for p in ("fp32", "int8")}
@@ -99,7 +99,7 @@ def test_artifacts_load_in_a_fresh_process_and_agree(smoke_run, digits, tmp_path
         ref = int8_model(ckpt)(x).numpy()
     assert np.array_equal(np.load(tmp_path / "ts.npy"), ref)
     ort = np.load(tmp_path / "ort.npy")
-    assert (ort.argmax(1) == ref.argmax(1)).mean() >= 0.99 and np.abs(ort - ref).mean() <= 0.1
+    assert (ort.argmax(1) == ref.argmax(1)).mean() >= 0.95 and np.abs(ort - ref).mean() <= 0.3
 
 
 def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeypatch):
@@ -130,6 +130,7 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
     report = json.loads((tmp_path / "export.rejected" / "parity.json").read_text())
     failed = {c["name"] for c in report["checks"] if not c["passed"]}
     assert "ort_top1_agreement" in failed and "torchscript_identical" not in failed
+    assert report["agreement"]["onnxruntime"]["top1_agreement"] < 0.9
 
 
 def test_qnnpack_target_exports_too(smoke_run, tmp_path):
