@@ -38,7 +38,7 @@ def run_pipeline(
     results = recipes.evaluate_checkpoints(list(stages.values()), opts, run_dir / recipes.EVALUATION_JSON)
     click.echo(recipes.format_table(results))
     target = load_target(target or TARGET_FOR_BACKEND[preset.quant.backend])
-    out = run_dir / f"export-{target.name}"
+    out = run_dir / f"export-{target.backend}"  # export-x86, export-qnnpack
     report = export(
         stages["student_qat"],
         out,
