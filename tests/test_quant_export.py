@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,19 +133,25 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
     assert "ort_top1_agreement" in failed and "torchscript_identical" not in failed
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: qnnpack PTQ int8 accuracy collapses to 10% (x86 is fine)")
 def test_qnnpack_target_exports_too(smoke_run, tmp_path):
+    """PTQ for ARM (QNNPACK engine, per-channel weights), certified with smoke-target.toml's gates."""
     src = smoke_run / "student" / "checkpoint.pt"
+    smoke_target = (Path(__file__).parent / "smoke-target.toml").read_text()
+    arm = tmp_path / "smoke-arm.toml"
+    arm.write_text(smoke_target.replace('backend = "x86"', 'backend = "qnnpack"'))
     runner = CliRunner()
     r = runner.invoke(main, ["quantize", str(src), "--backend", "qnnpack", "--calibration-batches", "8",
                              "--out", str(tmp_path / "q.pt")])  # fmt: skip
     assert r.exit_code == 0, r.output
-    r = runner.invoke(main, ["export", str(tmp_path / "q.pt"), "--target", "arm", "--out", str(tmp_path / "arm"),
+    r = runner.invoke(main, ["export", str(tmp_path / "q.pt"), "--target", str(arm), "--out", str(tmp_path / "arm"),
                              "--latency-runs", "3"])  # fmt: skip
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "arm" / "manifest.json").read_text())
     assert manifest["target"]["backend"] == "qnnpack" and manifest["quantization"]["backend"] == "qnnpack"
-    assert json.loads((tmp_path / "arm" / "parity.json").read_text())["passed"]
+    parity = json.loads((tmp_path / "arm" / "parity.json").read_text())
+    assert parity["passed"]
+    float_acc = parity["accuracy"]["pytorch_fp32"]
+    assert parity["accuracy"]["pytorch_int8"] >= float_acc - 0.03  # per-tensor depthwise weights gave 10%
 
 
 def test_export_refuses_float_and_mismatched_checkpoints(smoke_run, ptq, tmp_path):
