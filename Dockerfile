@@ -22,6 +22,7 @@ RUN --mount=type=secret,id=ca,required=false \
     && /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"
 COPY pyproject.toml uv.lock README.md ./
 COPY kdq ./kdq
+COPY export ./export
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
@@ -50,12 +51,10 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
     --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
     /opt/uv/bin/uv pip install --python /opt/kdq/bin/python --no-deps --no-cache --offline /dist/kdq-*.whl
-COPY export/*.toml /opt/kdq/share/kdq/export/
 COPY deploy/container/entrypoint.sh /usr/local/bin/kdq-entrypoint
 ENV PATH=/opt/kdq/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    KDQ_DATA_DIR=/data \
-    KDQ_TARGETS_DIR=/opt/kdq/share/kdq/export
+    KDQ_DATA_DIR=/data
 # Numeric, so Kubernetes can check runAsNonRoot.
 USER 1000:1000
 WORKDIR /workspace

@@ -34,7 +34,14 @@ PARITY_JSON = "parity.json"
 PARITY_MD = "parity.md"
 ARTIFACTS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-TARGETS_DIR = Path(os.environ.get("KDQ_TARGETS_DIR", Path(kdq.__file__).resolve().parents[1] / "export"))
+
+def _targets_dir() -> Path:
+    """The repo's top-level `export/` folder; an installed wheel carries a copy as `kdq/targets/`."""
+    packaged = Path(kdq.__file__).parent / "targets"
+    return packaged if packaged.is_dir() else Path(kdq.__file__).resolve().parents[1] / "export"
+
+
+TARGETS_DIR = _targets_dir()
 
 
 class ExportError(KdqError):
