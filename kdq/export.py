@@ -35,6 +35,7 @@ PARITY_MD = "parity.md"
 ARTIFACTS = {"torchscript": "model.pt", "onnx": "model.onnx"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
+
 def _targets_dir() -> Path:
     """The repo's top-level `export/` folder; an installed wheel carries a copy as `kdq/targets/`."""
     packaged = Path(kdq.__file__).parent / "targets"
