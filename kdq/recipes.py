@@ -48,6 +48,8 @@ def load_data(preset: Preset, opts: RunOptions) -> Dataset:
 
 def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions, pretrained: bool = False) -> Path:
     rt = setup_runtime(opts.device)
+    if rt.is_main:
+        check_writable(Path(run_dir) / "teacher")  # before the data loads
     data = load_data(preset, opts)
     torch.manual_seed(preset.seed)
     arch = {"name": preset.teacher, "num_classes": len(data.classes), "kwargs": {}}
@@ -120,6 +122,8 @@ def train_student(
     """
     run_dir = Path(run_dir)
     rt = setup_runtime(opts.device)
+    if rt.is_main:
+        check_writable(run_dir / stage)  # before the data and the teacher load
     data = load_data(preset, opts)
     distill = Distill(alpha=preset.alpha, temperature=preset.temperature)
     if preset.alpha > 0:
@@ -244,7 +248,9 @@ def _soft_targets_for(teacher_path: Path, data: Dataset, run_dir: Path, opts: Ru
 
 
 def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None = None, latency_runs: int = 50) -> dict:
-    """Evaluate float checkpoints on their dataset's test split; write evaluation_results.json."""
+    """Evaluate float or int8 checkpoints on their dataset's test split; write evaluation_results.json."""
+    if out is not None:
+        check_writable(Path(out).parent)
     results = {}
     cache: dict[str, Dataset] = {}
     for path in paths:
