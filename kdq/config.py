@@ -81,7 +81,7 @@ PRESETS: dict[str, Preset] = {
         name="demo",
         dataset="digits",
         teacher="resnet18",
-        teacher_optim=Optim(epochs=4, lr=0.05, batch_size=64),
+        teacher_optim=Optim(epochs=3, lr=0.05, batch_size=64),
         student_optim=Optim(epochs=8, lr=0.1, batch_size=64),
         quant=Quant(calibration_batches=20, qat_optim=Optim(epochs=3, lr=0.01, batch_size=64, schedule="cosine")),
         augment=Augment(crop_padding=2, flip=False),

@@ -80,4 +80,13 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Trainable numbers in a float model, or weights and biases of an int8 one.
+
+    Converted int8 layers keep their weights packed (`weight()` / `bias()` methods, not parameters).
+    """
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if callable(getattr(m, "weight", None)):
+            bias = m.bias()
+            n += m.weight().numel() + (bias.numel() if bias is not None else 0)
+    return n
