@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+# The choices the CLI offers, here (not beside their code) so that `kdq --help` needs no torch import.
+DATASETS = ("digits", "cifar10", "folder")
+TEACHERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+STUDENTS = ("mobilenet_v2",)
+BACKENDS = ("x86", "qnnpack")  # int8 engines: x86 (servers, laptops), qnnpack (ARM)
+CHECKPOINT = "checkpoint.pt"  # every stage writes RUN/<stage>/checkpoint.pt
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,14 @@ PRESETS: dict[str, Preset] = {
         student_optim=Optim(epochs=20, lr=0.05),
     ),
 }
+
+
+R = TypeVar("R", Preset, Optim, Quant)
+
+
+def with_overrides(recipe: R, **changes) -> R:
+    """A copy of `recipe` with the fields given replaced; None keeps the recipe's value."""
+    return dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
 
 
 def get_preset(name: str) -> Preset:

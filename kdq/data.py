@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from kdq.config import Augment
+from kdq.config import DATASETS, Augment
 from kdq.errors import KdqError
 
 IMAGE_SIZE = 32
-DATASETS = ("digits", "cifar10", "folder")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 

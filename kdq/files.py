@@ -23,12 +23,18 @@ def _why(e: OSError) -> str:
     return e.strerror or e.__class__.__name__
 
 
-def check_writable(folder: Path | str) -> None:
-    """Create `folder` if needed and prove a file can be written there, before any long work starts."""
+def check_writable(folder: Path | str, create: bool = True) -> None:
+    """Create `folder` if needed and prove a file can be written there, before any long work starts.
+
+    With `create=False` nothing is left behind: the probe file goes to the nearest folder that exists
+    (for checks made before the options are validated, so that a bad option leaves no empty folder).
+    """
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kdq-write-test-")
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe_in = folder if create else next(p for p in (folder, *folder.parents) if p.exists())
+        fd, tmp = tempfile.mkstemp(dir=probe_in, prefix=".kdq-write-test-")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:

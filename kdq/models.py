@@ -10,15 +10,9 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.quantization.mobilenetv2 import QuantizableInvertedResidual, QuantizableMobileNetV2
 
-RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
-    "resnet18": resnet.resnet18,
-    "resnet34": resnet.resnet34,
-    "resnet50": resnet.resnet50,
-    "resnet101": resnet.resnet101,
-    "resnet152": resnet.resnet152,
-}
-TEACHERS = tuple(RESNETS)
-STUDENTS = ("mobilenet_v2",)
+from kdq.config import STUDENTS, TEACHERS
+
+RESNETS: dict[str, Callable[..., resnet.ResNet]] = {name: getattr(resnet, name) for name in TEACHERS}
 
 
 def cifar_resnet(name: str, num_classes: int, pretrained: bool = False) -> resnet.ResNet:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from kdq import recipes
-from kdq.config import Preset
+from kdq.config import Preset, with_overrides
 from kdq.export import export, load_target
 from kdq.parity import format_report
 from kdq.report import write_report
@@ -28,9 +28,7 @@ def run_pipeline(
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     stages = {"teacher": recipes.train_teacher(preset, run_dir, opts)}
-    stages["baseline"] = recipes.train_student(
-        recipes.with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline"
-    )
+    stages["baseline"] = recipes.train_student(with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline")
     stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
     stages["student_qat"] = recipes.train_student(
         preset, run_dir, opts, stage="student_qat", qat=True, init=stages["student"]

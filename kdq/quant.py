@@ -22,9 +22,9 @@ from torch import nn
 from torch.ao import quantization as tq
 
 from kdq.checkpoint import ARCH, MODEL, CheckpointError
+from kdq.config import BACKENDS
 from kdq.models import build_model
 
-BACKENDS = ("x86", "qnnpack")
 QUANTIZATION = "quantization"  # checkpoint key: {"flow", "backend", "mode", ...}
 FLOAT_MODEL = "float_model"  # checkpoint key: the float weights the int8 model came from (or None)
 

@@ -9,7 +9,6 @@ student (distilled or baseline) and evaluation. Each reads and writes a run dire
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ def load_data(preset: Preset, opts: RunOptions) -> Dataset:
 def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions, pretrained: bool = False) -> Path:
     rt = setup_runtime(opts.device)
     if rt.is_main:
-        check_writable(Path(run_dir) / "teacher")  # before the data loads
+        check_writable(Path(run_dir) / "teacher", create=False)  # before the data loads
     data = load_data(preset, opts)
     torch.manual_seed(preset.seed)
     arch = {"name": preset.teacher, "num_classes": len(data.classes), "kwargs": {}}
@@ -123,7 +122,7 @@ def train_student(
     run_dir = Path(run_dir)
     rt = setup_runtime(opts.device)
     if rt.is_main:
-        check_writable(run_dir / stage)  # before the data and the teacher load
+        check_writable(run_dir / stage, create=False)  # before the data and the teacher load
     data = load_data(preset, opts)
     distill = Distill(alpha=preset.alpha, temperature=preset.temperature)
     if preset.alpha > 0:
@@ -250,7 +249,7 @@ def _soft_targets_for(teacher_path: Path, data: Dataset, run_dir: Path, opts: Ru
 def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None = None, latency_runs: int = 50) -> dict:
     """Evaluate float or int8 checkpoints on their dataset's test split; write evaluation_results.json."""
     if out is not None:
-        check_writable(Path(out).parent)
+        check_writable(Path(out).parent, create=False)
     results = {}
     cache: dict[str, Dataset] = {}
     for path in paths:
@@ -286,8 +285,3 @@ def format_table(results: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def with_overrides(preset: Preset, **changes) -> Preset:
-    """A copy of `preset` with the top-level fields given (None keeps the preset's value)."""
-    return dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})

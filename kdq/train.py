@@ -27,14 +27,13 @@ from torch import nn
 from tqdm import tqdm
 
 from kdq import checkpoint as ck
-from kdq.config import Augment, Optim
+from kdq.config import CHECKPOINT, Augment, Optim
 from kdq.data import Dataset, Normalize, augment, shuffled_batches
 from kdq.errors import KdqError
 from kdq.evaluate import predict_logits
 from kdq.files import check_writable, remove_stale_temps, save_json
 from kdq.losses import KDLoss
 
-CHECKPOINT = "checkpoint.pt"
 HISTORY_JSON = "history.json"
 # Under DDP every collective (and rank 0's soft targets, behind a barrier) must finish within this many
 # seconds, else the job fails instead of hanging; override with the environment variable KDQ_DIST_TIMEOUT.
@@ -474,8 +473,3 @@ def _mixer(aug: Augment, num_classes: int):
     if aug.mixup_alpha > 0:
         choices.append(v2.MixUp(alpha=aug.mixup_alpha, num_classes=num_classes))
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
-
-
-def override(optim: Optim, **changes) -> Optim:
-    """Replace the fields given (None means keep the preset's value)."""
-    return dataclasses.replace(optim, **{k: v for k, v in changes.items() if v is not None})
