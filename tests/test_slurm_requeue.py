@@ -62,12 +62,14 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint(cluster, tmp_path):
         time.sleep(0.4 * json.loads(history.read_text())[0]["epoch_seconds"])
         requeued["epoch"] = ck.load_checkpoint(ckpt)[ck.EPOCH]
         slurm(cluster, "scontrol", "requeue", job)
-        # Slurm holds a requeued job for 2 minutes (BeginTime); let it start again at once.
+        # Slurm holds a requeued job for 2 minutes (BeginTime); let it start again sooner, but not within
+        # the requeue's second: slurmd rejects a credential as old as its revocation ("Job credential
+        # revoked") and the job then FAILS instead of restarting.
         for _ in range(50):
             if "PENDING" in slurm(cluster, "squeue", "-h", "-j", job, "-o", "%T", check=False):
                 break
             time.sleep(0.2)
-        slurm(cluster, "scontrol", "update", f"jobid={job}", "StartTime=now")
+        slurm(cluster, "scontrol", "update", f"jobid={job}", "StartTime=now+3")
 
     requeuer = threading.Thread(target=requeue_mid_epoch_2)
     requeuer.start()
