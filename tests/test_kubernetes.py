@@ -2,12 +2,13 @@
 
 No API server here (none can be installed from a registry): each pod template is validated as a v1
 PodTemplate with `kubernetes-validate --strict` (the official OpenAPI schemas; unknown fields rejected),
-the Job itself against deploy/kubernetes/volcano-job.schema.json (the Volcano Job API's structure), and
+the Job itself against deploy/kubernetes/volcano-job.schema.json (the Volcano Job CRD's fields and limits), and
 the image, resources, replicas, env, mounts and rendezvous wiring are asserted.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -115,6 +116,28 @@ def test_volcano_job_is_valid_and_wired(component, tmp_path):
 
     if component == "export":
         assert container["command"] == ["kdq", "export", "/runs/demo/student_qat/checkpoint.pt", "--target", "x86"]
+
+
+def test_job_schema_follows_the_volcano_crd():
+    """Fields the CRD allows beyond what TorchX emits validate; its enums and name patterns are enforced."""
+    job = volcano_job("distill", CASES["distill"])
+    richer = copy.deepcopy(job)
+    richer["spec"]["networkTopology"] = {"mode": "soft", "highestTierAllowed": 2}
+    richer["spec"]["policies"] = [{"event": "PodEvicted", "action": "RestartJob"}]
+    richer["spec"]["tasks"][0]["partitionPolicy"] = {"partitionSize": 1, "totalPartitions": 2}
+    richer["spec"]["volumes"] = [{"mountPath": "/scratch", "volumeClaimName": "scratch"}]
+    jsonschema.validate(richer, SCHEMA)
+    broken = [
+        ("queue", "ML_Queue"),  # not a DNS subdomain
+        ("policies", [{"event": "PodExploded", "action": "RestartJob"}]),  # no such event
+        ("networkTopology", {"mode": "strict"}),
+        ("volumes", [{"mountPath": "/a:b"}]),
+    ]
+    for field, value in broken:
+        bad = copy.deepcopy(job)
+        bad["spec"][field] = value
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, SCHEMA)
 
 
 def test_validators_reject_broken_jobs(tmp_path):
