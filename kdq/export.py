@@ -212,6 +212,21 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def existing_certificate(out: Path, checkpoint: Path, target: Target) -> dict | None:
+    """The parity report of `out` when it already certifies this very checkpoint for this target, else None.
+
+    Lets `kdq pipeline --resume` skip an export that is up to date (matched by the checkpoint's sha256).
+    """
+    try:
+        manifest = json.loads((Path(out) / MANIFEST).read_text())
+        report = json.loads((Path(out) / PARITY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    same_source = manifest.get("source", {}).get("sha256") == sha256(Path(checkpoint))
+    same_target = manifest.get("target", {}).get("name") == target.name
+    return report if same_source and same_target and report.get("passed") else None
+
+
 def _replace_dir(new: Path, out: Path) -> None:
     """Put `new` at `out`; an existing `out` is swapped out first and removed only afterwards."""
     old = None

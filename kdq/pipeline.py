@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
 
 from kdq import recipes
 from kdq.config import Preset, with_overrides
-from kdq.export import export, load_target
+from kdq.export import existing_certificate, export, load_target
 from kdq.parity import format_report
 from kdq.report import write_report
 
@@ -33,21 +35,35 @@ def run_pipeline(
     stages["student_qat"] = recipes.train_student(
         preset, run_dir, opts, stage="student_qat", qat=True, init=stages["student"]
     )
-    results = recipes.evaluate_checkpoints(list(stages.values()), opts, run_dir / recipes.EVALUATION_JSON)
+    eval_json = run_dir / recipes.EVALUATION_JSON
+    if opts.resume and _newer_than(eval_json, stages.values()):
+        print(f"[pipeline] {eval_json} is newer than every checkpoint: kept", file=sys.stderr)
+        results = json.loads(eval_json.read_text())
+    else:
+        results = recipes.evaluate_checkpoints(list(stages.values()), opts, eval_json)
     click.echo(recipes.format_table(results))
     target = load_target(target or TARGET_FOR_BACKEND[preset.quant.backend])
     out = run_dir / f"export-{target.backend}"  # export-x86, export-qnnpack
-    report = export(
-        stages["student_qat"],
-        out,
-        target,
-        data_dir=opts.data_dir,
-        overwrite=opts.overwrite or opts.resume,
-        latency_runs=export_latency_runs,
-    )
+    report = existing_certificate(out, stages["student_qat"], target) if opts.resume else None
+    if report is not None:
+        print(f"[pipeline] {out} already certifies this checkpoint for {target.name}: kept", file=sys.stderr)
+    else:
+        report = export(
+            stages["student_qat"],
+            out,
+            target,
+            data_dir=opts.data_dir,
+            overwrite=opts.overwrite or opts.resume,
+            latency_runs=export_latency_runs,
+        )
     click.echo(format_report(report))
     click.echo(f"certified int8 export -> {out}")
     md, page = write_report(run_dir)
     click.echo(f"report -> {md} (self-contained: {page})")
     print(f"[pipeline] {preset.name} done in {time.perf_counter() - t0:.0f}s -> {run_dir}", file=sys.stderr)
     return results
+
+
+def _newer_than(output: Path, inputs: Iterable[Path]) -> bool:
+    """Make's rule: `output` exists and no input changed after it was written."""
+    return output.exists() and all(Path(i).stat().st_mtime <= output.stat().st_mtime for i in inputs)

@@ -1,4 +1,7 @@
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -55,6 +58,25 @@ def test_smoke_pipeline_and_evaluate(smoke_run, tmp_path):
     again = json.loads(out.read_text())["student"]
     assert again["top1"] == results["student"]["top1"]  # deterministic evaluation
     assert "student" in result.output and "mobilenet_v2" in result.output
+
+
+def test_pipeline_resume_keeps_what_is_up_to_date(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)  # copy2: modification times kept
+    onnx, eval_json = run / "export-x86" / "model.onnx", run / "evaluation_results.json"
+    onnx_mtime, eval_mtime = onnx.stat().st_mtime_ns, eval_json.stat().st_mtime_ns
+    args = ["pipeline", "--preset", "smoke", "--run-dir", run, "--device", "cpu", "--resume", "--latency-runs", "3",
+            "--target", Path(__file__).parent / "smoke-target.toml"]  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "newer than every checkpoint: kept" in result.output and "already certifies this checkpoint" in result.output
+    assert onnx.stat().st_mtime_ns == onnx_mtime and eval_json.stat().st_mtime_ns == eval_mtime
+    # A checkpoint written after the evaluation: evaluated again; the export still matches its sha256.
+    qat = run / "student_qat" / "checkpoint.pt"
+    os.utime(qat, ns=(qat.stat().st_atime_ns, eval_mtime + 10**9))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert eval_json.stat().st_mtime_ns != eval_mtime and onnx.stat().st_mtime_ns == onnx_mtime
 
 
 def test_evaluate_refuses_a_checkpoint_that_runs_code(tmp_path):
