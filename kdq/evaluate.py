@@ -48,6 +48,18 @@ def state_dict_bytes(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
+def median_ms(step: Callable[[], object], warmup: int, runs: int) -> float:
+    """Median wall-clock milliseconds of `step()` after `warmup` untimed calls (kdq's one timer)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
 @torch.no_grad()
 def cpu_latency_ms(
     model: Callable[[torch.Tensor], torch.Tensor],
@@ -63,16 +75,9 @@ def cpu_latency_ms(
         torch.set_num_threads(threads)
     try:
         x = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
+        return median_ms(lambda: model(x), warmup, runs)
     finally:
         torch.set_num_threads(previous)
-    return 1000 * statistics.median(times)
 
 
 def evaluate_model(

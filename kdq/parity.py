@@ -9,9 +9,7 @@ parity.json; `format_report` renders it as a Markdown table.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from kdq import checkpoint as ck
 from kdq.config import Preset
 from kdq.data import Normalize, load_dataset
+from kdq.evaluate import median_ms
 from kdq.files import save_json
 from kdq.quant import QUANTIZATION, float_reference, int8_model
 
@@ -142,14 +141,7 @@ def agreement(ref: np.ndarray, other: np.ndarray, margin: float) -> dict:
 def latency_ms(run: Runner, batch: int, warmup: int, runs: int, set_threads: Callable[[], None]) -> float:
     set_threads()
     x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
-    for _ in range(warmup):
-        run(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return median_ms(lambda: run(x), warmup, runs)
 
 
 def check_gates(report: dict, gates: dict) -> list[dict]:
