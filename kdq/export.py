@@ -228,14 +228,28 @@ def existing_certificate(out: Path, checkpoint: Path, target: Target) -> dict | 
 
 
 def _replace_dir(new: Path, out: Path) -> None:
-    """Put `new` at `out`; an existing `out` is swapped out first and removed only afterwards."""
-    old = None
-    if out.exists():
+    """Put `new` at `out`. An existing `out` is exchanged atomically where the OS can (Linux renameat2),
+    so that readers never find `out` missing; elsewhere it is renamed away first, then removed."""
+    if not out.exists():
+        new.rename(out)
+    elif _exchange(new, out):
+        shutil.rmtree(new)  # now holds the previous export
+    else:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
-    new.rename(out)
-    if old is not None:
+        new.rename(out)
         shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux >= 3.15, glibc >= 2.28); False where that is not available."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _certify(ckpt: dict, checkpoint: Path, folder: Path, target: Target, data_dir: Path, runs: int | None) -> dict:

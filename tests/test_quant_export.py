@@ -171,3 +171,16 @@ def test_existing_export_needs_overwrite(smoke_run, tmp_path):
     with pytest.raises(ExportError, match="--overwrite"):
         export(smoke_run / "student_qat" / "checkpoint.pt", out, load_target("x86"), verify=False)
     assert (out / "keep").read_text() == "x"
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_overwrite_replaces_the_folder_whole(smoke_run, tmp_path, monkeypatch, atomic):
+    """--overwrite: the new export takes the old one's place (in one atomic exchange on Linux); nothing is left."""
+    if not atomic:
+        monkeypatch.setattr("kdq.export._exchange", lambda a, b: False)  # platforms without renameat2
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "stale").write_text("from the previous export")
+    export(smoke_run / "student_qat" / "checkpoint.pt", out, load_target("x86"), verify=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["e"]  # no staging or old folder left beside it
