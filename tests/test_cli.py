@@ -1,6 +1,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,18 @@ def test_every_command_explains_itself(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output
     assert len(result.output.splitlines()) > 5
+
+
+def test_help_answers_without_importing_torch():
+    """`kdq --help` and every command's --help stay instant: torch loads only when a command runs."""
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom kdq.cli import main\n"
+        "for cmd in ([], *([c] for c in main.commands)):\n"
+        "    assert CliRunner().invoke(main, [*cmd, '--help']).exit_code == 0, cmd\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'sklearn', 'onnx')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_unknown_preset_lists_the_valid_ones():
