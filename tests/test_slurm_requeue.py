@@ -23,6 +23,7 @@ from tests.launch_support import REPO, VENV_BIN, job_env, need_root_linux, run
 from .conftest import same_weights
 
 KIT = REPO / "deploy/slurm/local-cluster.sh"
+LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "REQUEUE_HOLD", "REQUEUE_FED", ""}
 ARGS = ["baseline", "--preset", "smoke", "--width", "0.35", "--device", "cpu", "--seed", "3", "--epochs", "3"]
 
 
@@ -88,7 +89,11 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint(cluster, tmp_path):
         time.sleep(1)
 
     text = log.read_text()
-    state = slurm(cluster, "sacct", "-n", "-X", "-P", "-j", job, "-o", "State")
+    # Accounting (slurmdbd) can lag the controller by a moment: wait for the final state there too.
+    deadline = time.monotonic() + 60
+    while (state := slurm(cluster, "sacct", "-n", "-X", "-P", "-j", job, "-o", "State")) in LIVE_STATES:
+        assert time.monotonic() < deadline, f"sacct still says {state}"
+        time.sleep(1)
     assert state == "COMPLETED", text[-3000:]
     assert "[job] start, restart 0" in text and "[job] start, restart 1" in text
     assert "CANCELLED AT" in text and "DUE TO JOB REQUEUE" in text, text[-3000:]
