@@ -7,11 +7,13 @@ load average before and after, since a shared machine's numbers are only as good
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -108,3 +110,21 @@ def write_results(name: str, results: dict, out_dir: Path = RESULTS) -> Path:
     path.write_text(text)
     (out_dir / f"{name}-latest.json").write_text(text)
     return path
+
+
+def run_alone(
+    name: str,
+    doc: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], dict],
+    show: Callable[[dict], None],
+    argv: list[str] | None = None,
+) -> None:
+    """`python -m bench.NAME`: one part of `make bench` on its own, with its table and its JSON."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    env = environment()
+    result = run(args)
+    show(result)
+    print(f"-> {write_results(name, {'environment': finish(env), **result})}")

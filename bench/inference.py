@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import environment, finish, print_table, write_results
+from bench.common import print_table, run_alone
 from kdq import checkpoint as ck
 from kdq.config import get_preset
 from kdq.data import load_dataset
@@ -177,13 +177,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    env = environment()
-    result = run(args)
-    show(result)
-    print(f"-> {write_results('inference', {'environment': finish(env), **result})}")
+    run_alone("inference", __doc__, add_arguments, run, show, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, finish, print_table, write_results
+from bench.common import print_table, run_alone
 from kdq.checkpoint import HISTORY
 from kdq.config import Augment, Optim, get_preset
 from kdq.data import Dataset, Normalize, Split, augment, shuffled_batches
@@ -328,13 +328,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    env = environment()
-    result = run(args)
-    show(result)
-    print(f"-> {write_results('training', {'environment': finish(env), **result})}")
+    run_alone("training", __doc__, add_arguments, run, show, argv)
 
 
 if __name__ == "__main__":
