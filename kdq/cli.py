@@ -323,7 +323,8 @@ def export_cmd(checkpoint: Path, target, out, data_dir, verify, latency_runs, ov
     Writes OUT/model.pt, OUT/model.onnx, OUT/manifest.json, OUT/parity.json, OUT/parity.md.
     A failed gate exits non-zero and keeps the candidate in OUT.rejected.
     """
-    from kdq.export import export, load_target
+    from kdq.artifacts import load_target
+    from kdq.export import export
     from kdq.parity import format_report
 
     t = load_target(target)

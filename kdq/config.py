@@ -12,7 +12,8 @@ from typing import TypeVar
 
 # The choices the CLI offers, here (not beside their code) so that `kdq --help` needs no torch import.
 DATASETS = ("digits", "cifar10", "folder")
-TEACHERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+CIFAR_RESNETS = ("resnet20", "resnet56")  # He et al. 2016 (sec. 4.2): the KD literature's CPU-sized teachers
+TEACHERS = (*CIFAR_RESNETS, "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STUDENTS = ("mobilenet_v2",)
 BACKENDS = ("x86", "qnnpack")  # int8 engines: x86 (servers, laptops), qnnpack (ARM)
 CHECKPOINT = "checkpoint.pt"  # every stage writes RUN/<stage>/checkpoint.pt
@@ -47,6 +48,8 @@ class Quant:
     """int8 recipe: static PTQ calibration and QAT fine-tuning (with distillation)."""
 
     backend: str = "x86"  # "x86" (servers, laptops) or "qnnpack" (ARM edge devices)
+    activation_bits: int | None = None  # None: the backend's default (x86 7, qnnpack 8; why: kdq.quant)
+    weight_bits: int = 8
     calibration_batches: int = 100  # PTQ: training batches the observers see (seed: CALIBRATION_BATCHES)
     qat_optim: Optim = field(default_factory=lambda: Optim(epochs=5, lr=0.01, schedule="cosine"))
     freeze_bn_after: float = 0.6  # fraction of QAT epochs after which BN statistics are frozen

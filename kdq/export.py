@@ -7,84 +7,33 @@ passes (or `verify=False`); a rejected export is kept as `<out>.rejected` for in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 import kdq
 from kdq import checkpoint as ck
-from kdq.errors import KdqError
+from kdq.artifacts import (
+    ARTIFACTS,
+    INPUT_NAME,
+    MANIFEST,
+    OUTPUT_NAME,
+    PARITY_JSON,
+    PARITY_MD,
+    ExportError,
+    Target,
+    sha256,
+)
 from kdq.files import check_writable, save_json, save_text
 from kdq.quant import QUANTIZATION, float_reference, int8_model
-
-MANIFEST = "manifest.json"
-PARITY_JSON = "parity.json"
-PARITY_MD = "parity.md"
-ARTIFACTS = {"torchscript": "model.pt", "onnx": "model.onnx"}
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-def _targets_dir() -> Path:
-    """The repo's top-level `export/` folder; an installed wheel carries a copy as `kdq/targets/`."""
-    packaged = Path(kdq.__file__).parent / "targets"
-    return packaged if packaged.is_dir() else Path(kdq.__file__).resolve().parents[1] / "export"
-
-
-TARGETS_DIR = _targets_dir()
-
-
-class ExportError(KdqError):
-    """The export could not be produced, or it failed its parity gates."""
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    backend: str
-    formats: list[str]
-    onnx_opset: int = 17
-    gates: dict[str, Any] = field(default_factory=dict)
-    latency: dict[str, Any] = field(default_factory=dict)
-
-
-def load_target(name_or_path: str | Path) -> Target:
-    """A target by name (`export/NAME.toml`) or by path to a TOML file."""
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = TARGETS_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
-        raise ExportError(
-            f"unknown export target {str(name_or_path)!r}; choose from: {', '.join(known)} or a .toml path"
-        )
-    data = tomllib.loads(path.read_text())
-    unknown = set(data) - {"backend", "formats", "onnx_opset", "gates", "latency"}
-    if unknown:
-        raise ExportError(f"{path}: unknown keys {sorted(unknown)}")
-    bad = set(data.get("formats", [])) - set(ARTIFACTS)
-    if bad:
-        raise ExportError(f"{path}: unknown formats {sorted(bad)}; choose from: {', '.join(ARTIFACTS)}")
-    return Target(name=path.stem, **data)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_torchscript(model: nn.Module, path: Path) -> None:
@@ -153,6 +102,8 @@ def build_manifest(ckpt: dict, checkpoint: Path, target: Target, folder: Path) -
             "onnx_opset": target.onnx_opset,
             "gates": target.gates,
             "latency": target.latency,
+            "paths": target.paths,
+            "onnxruntime_config": target.onnxruntime_config,  # session config entries consumers must set
         },
         "versions": {
             "kdq": kdq.__version__,
@@ -272,4 +223,8 @@ def _certify(ckpt: dict, checkpoint: Path, folder: Path, target: Target, data_di
         raise ExportError(f"parity run failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     report = json.loads((folder / PARITY_JSON).read_text())
     save_text(format_report(report), folder / PARITY_MD)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["certificate"] = {"passed": report["passed"], "file": PARITY_JSON, "measured_on": report["where"],
+                               "paths": report["paths"]}  # fmt: skip
+    save_json(manifest, folder / MANIFEST)
     return report

@@ -10,9 +10,42 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.quantization.mobilenetv2 import QuantizableInvertedResidual, QuantizableMobileNetV2
 
-from kdq.config import STUDENTS, TEACHERS
+from kdq.config import CIFAR_RESNETS, STUDENTS, TEACHERS
 
-RESNETS: dict[str, Callable[..., resnet.ResNet]] = {name: getattr(resnet, name) for name in TEACHERS}
+RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
+    name: getattr(resnet, name) for name in TEACHERS if name not in CIFAR_RESNETS
+}
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. 2016 (sec. 4.2): depth 6n+2, three stages of n basic blocks at 16, 32
+    and 64 channels. ResNet-56 has 0.86 M parameters and 125 M MACs at 32x32 (ResNet-18: 11 M and 556 M), a
+    teacher that trains in seconds on a CPU. Shortcuts that change shape are 1x1 conv + BN (option B; the paper
+    used zero-padding, option A)."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        blocks, inplanes, layers = (depth - 2) // 6, 16, []
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        for stage, planes in enumerate((16, 32, 64)):
+            for i in range(blocks):
+                stride = 2 if stage and not i else 1
+                down = None
+                if stride != 1 or inplanes != planes:
+                    down = nn.Sequential(resnet.conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
+                layers.append(resnet.BasicBlock(inplanes, planes, stride, down))
+                inplanes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 def cifar_resnet(name: str, num_classes: int, pretrained: bool = False) -> resnet.ResNet:
@@ -68,6 +101,8 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     """Build a teacher (`resnet*`) or the student (`mobilenet_v2`) by name."""
     if arch in RESNETS:
         return cifar_resnet(arch, num_classes, **kwargs)
+    if arch in CIFAR_RESNETS:
+        return CifarResNet(int(arch.removeprefix("resnet")), num_classes, **kwargs)
     if arch == "mobilenet_v2":
         return CifarMobileNetV2(num_classes, **kwargs)
     raise ValueError(f"unknown model {arch!r}; choose from: {', '.join(TEACHERS + STUDENTS)}")

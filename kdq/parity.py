@@ -1,15 +1,24 @@
 """Parity certificate of an export folder, run in a fresh process: `python -m kdq.parity EXPORT_DIR ...`.
 
-Loads every artifact independently (after checking its sha256 against the manifest), runs the whole
-test split through PyTorch int8 (the reference), TorchScript and ONNX Runtime, measures CPU latency of
-each runtime in fp32 and int8 on one grid in this one process, and checks the target's gates. Writes
-parity.json; `format_report` renders it as a Markdown table.
+Loads every artifact independently (after checking its sha256 against the manifest), then stages:
+1. accuracy: the whole test split through the float model the checkpoint came from and every int8 runtime
+   (PyTorch, TorchScript, ONNX Runtime) on this CPU's own int8 path, and on each extra path the target
+   names (`kdq.cpu`: "avx2" = the int16-saturating kernels of CPUs without VNNI, forced or emulated;
+   "exact" = ONNX Runtime's non-saturating kernels);
+2. agreement of every int8 runtime with PyTorch int8, and the int8 kernels ONNX Runtime really runs;
+3. latency of each runtime in fp32 and int8, in interleaved rounds (A B A B ...), so that a ratio compares
+   two runtimes measured in the same round at the same thread count;
+4. every gate the target names (`kdq.artifacts.GATES`); a gate whose inputs are missing fails and says why.
+Writes parity.json, including where it was measured; `format_report` renders it as Markdown.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,49 +27,24 @@ import numpy as np
 import torch
 
 from kdq import checkpoint as ck
+from kdq.artifacts import ARTIFACTS, ExportError, sha256, verify_artifacts
 from kdq.config import Preset
+from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, avx2_emulator, describe, environment, has_vnni
 from kdq.data import Normalize, load_dataset
 from kdq.evaluate import median_ms
 from kdq.files import save_json
+from kdq.int8run import ort_session
 from kdq.quant import QUANTIZATION, float_reference, int8_model
 
 Runner = Callable[[np.ndarray], np.ndarray]
-
-
-def verify_artifacts(folder: Path) -> dict:
-    """The manifest, after checking that every artifact it lists has the recorded sha256.
-
-    Nothing in the folder is loaded before this passes; a failure is a one-line ExportError.
-    """
-    from kdq.export import MANIFEST, ExportError, sha256
-
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{path} not found: {folder} is not a kdq export folder")
-    try:
-        manifest = json.loads(path.read_text())
-        artifacts = manifest["artifacts"]
-        files = {fmt: (art["file"], art["sha256"]) for fmt, art in artifacts.items()}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ExportError(f"{path}: not a kdq export manifest ({e.__class__.__name__})") from e
-    for name, expected in files.values():
-        if not isinstance(name, str) or Path(name).name != name:  # only plain names: never a path out of the folder
-            raise ExportError(f"{path}: artifact name {name!r} is not a plain file name")
-        if not (folder / name).is_file():
-            raise ExportError(f"{folder / name} is missing (the manifest lists it)")
-        actual = sha256(folder / name)
-        if actual != expected:
-            raise ExportError(
-                f"{folder / name}: sha256 {actual[:12]}… does not match the manifest ({str(expected)[:12]}…); "
-                "refusing to load it"
-            )
-    return manifest
+REFERENCE = "pytorch_int8"  # what the other int8 runtimes are compared with
+FLOAT = "pytorch_fp32"  # the float model the int8 one came from
+EPS = 1e-9  # accuracies are fractions k/N: 0.9 - 0.895 must not exceed 0.005 by a rounding error
+FLOAT_CONVS = ("Conv", "FusedConv", "NhwcFusedConv")  # ORT op types of a convolution left in float
 
 
 def load_torchscript(path: Path):
     """torch.jit.load with a one-line ExportError for a file that is not TorchScript (call after verify_artifacts)."""
-    from kdq.export import ExportError
-
     try:
         return torch.jit.load(str(path))
     except Exception as e:
@@ -68,12 +52,10 @@ def load_torchscript(path: Path):
         raise ExportError(f"{path}: not a loadable TorchScript model ({first})") from e
 
 
-def load_onnx(path: Path, threads: int):
+def load_onnx(path: Path, threads: int, config: dict | None = None):
     """An ONNX Runtime session, or a one-line ExportError for a file that is not ONNX (call after verify_artifacts)."""
-    from kdq.export import ExportError
-
     try:
-        return ort_session(path, threads)
+        return ort_session(str(path), threads, config)
     except Exception as e:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:400]
         raise ExportError(f"{path}: not a valid ONNX model ({first})") from e
@@ -87,36 +69,39 @@ def torch_runner(model: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
     return run
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def ort_runner(session) -> Runner:
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
 
 
-def ort_int8_kernels(path: Path) -> dict[str, int]:
-    """Op types of ORT's optimized graph that compute in int8 (QLinearConv, QLinearAdd, ...)."""
+def ort_op_counts(path: Path, config: dict | None = None) -> dict[str, int]:
+    """Op types of ORT's optimized graph and how often each occurs (QLinearConv, Conv, QLinearAdd, ...)."""
     import onnx
     import onnxruntime as ort
 
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        for key, value in (config or {}).items():
+            opts.add_session_config_entry(key, str(value))
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         graph = onnx.load(opts.optimized_model_filepath).graph
     counts: dict[str, int] = {}
     for node in graph.node:
-        if node.op_type.startswith("QLinear") or node.op_type in ("QGemm", "ConvInteger", "MatMulInteger"):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def int8_kernels(counts: dict[str, int]) -> dict[str, int]:
+    return {
+        k: v for k, v in counts.items() if k.startswith("QLinear") or k in ("QGemm", "ConvInteger", "MatMulInteger")
+    }
+
+
+def count_convs(model: torch.nn.Module) -> int:
+    """Convolutions of an int8 PyTorch model (fused conv-relu counts once)."""
+    return sum(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in model.modules())
 
 
 def batched(run: Runner, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -138,61 +123,114 @@ def agreement(ref: np.ndarray, other: np.ndarray, margin: float) -> dict:
     }
 
 
-def latency_ms(run: Runner, batch: int, warmup: int, runs: int, set_threads: Callable[[], None]) -> float:
-    set_threads()
-    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
-    return median_ms(lambda: run(x), warmup, runs)
+def per_class_accuracy(logits: np.ndarray, labels: np.ndarray, classes: int) -> list[float]:
+    pred = logits.argmax(1)
+    return [float((pred[labels == c] == c).mean()) if (labels == c).any() else 1.0 for c in range(classes)]
+
+
+# --- gates -----------------------------------------------------------------------------------------
 
 
 def check_gates(report: dict, gates: dict) -> list[dict]:
-    """One record per gate: name, measured value, threshold, passed."""
-    checks = []
+    """One record per gate the target names (per runtime for the accuracy gates): name, value, threshold,
+    passed, and the reason when its inputs are missing (then it fails: no gate is skipped)."""
+    checks: list[dict] = []
 
-    def add(name, value, threshold, passed):
-        checks.append({"name": name, "value": value, "threshold": threshold, "passed": bool(passed)})
+    def add(name, value, threshold, passed, reason=None):
+        checks.append({"name": name, "value": value, "threshold": threshold, "passed": bool(passed), "reason": reason})
 
-    ts, ort = report["agreement"].get("torchscript"), report["agreement"].get("onnxruntime")
-    acc = report["accuracy"]
-    if gates.get("torchscript_identical") and ts is not None:
-        add("torchscript_identical", ts["max_abs_logit_diff"], 0.0, ts["identical"])
-    if ort is not None:
-        if "ort_top1_agreement_min" in gates:
-            t = gates["ort_top1_agreement_min"]
+    acc, agree = report["accuracy"], report["agreement"]
+    ts, ort = agree.get("torchscript"), agree.get("onnxruntime")
+    int8_runtimes = [k for k in acc if "_int8" in k]
+    no_float = (
+        "the checkpoint records no float model to compare with: quantize a float checkpoint "
+        "(`kdq quantize`, or `kdq distill --qat --init STUDENT`) to get one"
+    )
+    for gate, t in gates.items():
+        if gate == "torchscript_identical":
+            if ts is None:
+                add(gate, None, 0.0, False, "no TorchScript artifact in this export")
+            else:
+                add(gate, ts["max_abs_logit_diff"], 0.0, ts["identical"] or not t)
+        elif gate.startswith("ort_") and gate not in ("ort_int8_kernels", *_RATIOS) and ort is None:
+            add(gate, None, t, False, "no ONNX artifact in this export")
+        elif gate == "ort_top1_agreement_min":
             add("ort_top1_agreement", ort["top1_agreement"], t, ort["top1_agreement"] >= t)
-        if "ort_confident_margin" in gates:
+        elif gate == "ort_confident_margin":
             add("ort_confident_agreement", ort["confident_agreement"], 1.0, ort["confident_agreement"] == 1.0)
-        if "ort_mean_abs_logit_max" in gates:
-            t = gates["ort_mean_abs_logit_max"]
+        elif gate == "ort_mean_abs_logit_max":
             add("ort_mean_abs_logit_diff", ort["mean_abs_logit_diff"], t, ort["mean_abs_logit_diff"] <= t)
-        if "ort_accuracy_delta_max" in gates:
-            d, t = abs(acc["onnxruntime_int8"] - acc["pytorch_int8"]), gates["ort_accuracy_delta_max"]
-            add("ort_accuracy_delta", d, t, d <= t)
-        add("ort_int8_kernels", sum(report["ort_int8_kernels"].values()), 1, sum(report["ort_int8_kernels"].values()))
-    lat = {(r["runtime"], r["precision"], r["batch"], r["threads"]): r["ms"] for r in report["latency"]}
-
-    def best(runtime, precision, batch):
-        values = [v for (r, p, b, _), v in lat.items() if (r, p, b) == (runtime, precision, batch)]
-        return min(values) if values else None
-
-    if "ort_b1_max_ratio_vs_torchscript" in gates and best("torchscript", "int8", 1):
-        ratio, t = (
-            best("onnxruntime", "int8", 1) / best("torchscript", "int8", 1),
-            gates["ort_b1_max_ratio_vs_torchscript"],
-        )
-        add("ort_int8_b1_vs_torchscript_int8", ratio, t, ratio <= t)
-    big = max(b for (_, _, b, _) in lat) if lat else None
-    if "ort_int8_max_ratio_vs_fp32" in gates and big and best("onnxruntime", "fp32", big):
-        ratio, t = (
-            best("onnxruntime", "int8", big) / best("onnxruntime", "fp32", big),
-            gates["ort_int8_max_ratio_vs_fp32"],
-        )
-        add(f"ort_int8_vs_fp32_b{big}", ratio, t, ratio <= t)
+        elif gate == "ort_accuracy_delta_max":
+            d = abs(acc["onnxruntime_int8"] - acc[REFERENCE])
+            add("ort_accuracy_delta", d, t, d <= t + EPS)
+        elif gate == "ort_int8_kernels":
+            k = report.get("ort_kernels")
+            if not k:
+                add(gate, None, t, False, "no ONNX artifact in this export")
+            else:
+                convs = k["int8"].get("QLinearConv", 0)
+                reason = f"{k['float_convs']} convolutions left in float" if k["float_convs"] else None
+                add(gate, convs, k["model_convs"], convs == k["model_convs"] and not k["float_convs"], reason)
+        elif gate in ("int8_accuracy_drop_max", "class_drop_max"):
+            if FLOAT not in acc:
+                add(gate, None, t, False, no_float)
+                continue
+            for rt in int8_runtimes:
+                if gate == "int8_accuracy_drop_max":
+                    d = acc[FLOAT] - acc[rt]
+                    add(f"int8_accuracy_drop[{rt}]", d, t, d <= t + EPS)
+                else:
+                    drops = np.subtract(report["per_class"][FLOAT], report["per_class"][rt])
+                    worst = int(drops.argmax())
+                    reason = f"class {report['classes'][worst]!r}" if drops[worst] > t + EPS else None
+                    add(f"class_drop[{rt}]", float(drops[worst]), t, drops[worst] <= t + EPS, reason)
+        elif gate == "min_accuracy":
+            for rt in int8_runtimes:
+                add(f"min_accuracy[{rt}]", acc[rt], t, acc[rt] >= t - EPS)
+        elif gate in _RATIOS:
+            _ratio_gate(add, gate, t, report)
+        else:  # load_target refuses unknown names; a hand-edited manifest must not pass silently either
+            add(gate, None, t, False, "unknown gate")
+    for path, reason in report.get("missing_paths", {}).items():
+        add(f"path[{path}]", None, None, False, reason)
     return checks
 
 
-def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | None, latency_runs: int | None) -> dict:
-    from kdq.export import ARTIFACTS, ExportError, sha256
+def _ratio_pair(gate: str, batches: list[int]) -> tuple[tuple[str, str, int], tuple[str, str, int], str]:
+    if gate == "ort_b1_max_ratio_vs_torchscript":
+        return ("onnxruntime", "int8", 1), ("torchscript", "int8", 1), "ort_int8_b1_vs_torchscript_int8"
+    big = max(batches)
+    return ("onnxruntime", "int8", big), ("onnxruntime", "fp32", big), f"ort_int8_vs_fp32_b{big}"
 
+
+_RATIOS = ("ort_b1_max_ratio_vs_torchscript", "ort_int8_max_ratio_vs_fp32")
+
+
+def _ratio_gate(add, gate: str, spec, report: dict) -> None:
+    """A latency ratio A/B: per thread count, the median over rounds of A/B measured in the same round.
+    Passes when every thread count's ratio is at most max + margin (margin: what a busy machine may add)."""
+    limit, margin = (spec["max"], spec.get("margin", 0.0)) if isinstance(spec, dict) else (spec, 0.0)
+    rows = report["latency"]
+    (a, b, name) = _ratio_pair(gate, [r["batch"] for r in rows] or [1])
+    cells = {(r["runtime"], r["precision"], r["batch"], r["threads"]): r["rounds_ms"] for r in rows}
+    threads = sorted({t for (*_, t) in cells})
+    ratios = {}
+    for t in threads:
+        if (*a, t) in cells and (*b, t) in cells:
+            ratios[t] = statistics.median(x / y for x, y in zip(cells[(*a, t)], cells[(*b, t)], strict=True))
+    if not ratios:
+        missing = "no fp32 reference (the checkpoint records no float model)" if b[1] == "fp32" else f"no {b[0]} run"
+        add(name, None, limit, False, f"{missing} at batch {b[2]}")
+        return
+    worst = max(ratios, key=ratios.get)
+    add(name, ratios[worst], f"{limit} + {margin}", ratios[worst] <= limit + margin,
+        f"worst at {worst} thread(s)" if len(ratios) > 1 else None)  # fmt: skip
+
+
+# --- measurement -----------------------------------------------------------------------------------
+
+
+def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | None, latency_runs: int | None) -> dict:
     manifest = verify_artifacts(folder)
     source = manifest.get("source", {}).get("sha256")
     if source is not None and sha256(checkpoint) != source:
@@ -200,63 +238,131 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     ckpt = ck.load_checkpoint(checkpoint)
     torch.backends.quantized.engine = ckpt[QUANTIZATION]["backend"]
     target = manifest["target"]
-    gates = target["gates"]
+    gates, ort_config = target["gates"], target.get("onnxruntime_config", {})
     grid = dict(target["latency"])
     if latency_runs is not None:
         grid["runs"] = latency_runs
     data = load_dataset(Preset.from_dict(ckpt[ck.PRESET]).dataset, data_dir)
     x = Normalize(**ckpt[ck.NORMALIZATION])(data.test.images).contiguous().numpy()
     labels = data.test.labels.numpy()
-
-    runners: dict[tuple[str, str], Runner] = {("pytorch", "int8"): torch_runner(int8_model(ckpt, checkpoint))}
     formats = manifest["artifacts"]
+    onnx = folder / ARTIFACTS["onnx"] if "onnx" in formats else None
+
+    int8 = int8_model(ckpt, checkpoint)
+    runners: dict[tuple[str, str], Runner] = {("pytorch", "int8"): torch_runner(int8)}
     if "torchscript" in formats:
         runners[("torchscript", "int8")] = torch_runner(load_torchscript(folder / ARTIFACTS["torchscript"]))
-    if "onnx" in formats:
-        runners[("onnxruntime", "int8")] = ort_runner(load_onnx(folder / ARTIFACTS["onnx"], 1))
+    if onnx:
+        runners[("onnxruntime", "int8")] = ort_runner(load_onnx(onnx, 1, ort_config))
     fp32 = float_reference(ckpt)
     if fp32 is not None:
         runners[("pytorch", "fp32")] = torch_runner(fp32)
         if reference is not None:
             runners[("torchscript", "fp32")] = torch_runner(torch.jit.load(str(reference / ARTIFACTS["torchscript"])))
-            runners[("onnxruntime", "fp32")] = ort_runner(ort_session(reference / ARTIFACTS["onnx"], 1))
+            runners[("onnxruntime", "fp32")] = ort_runner(ort_session(str(reference / ARTIFACTS["onnx"]), 1))
 
-    logits = {key: batched(run, x) for key, run in runners.items()}
-    ref = logits[("pytorch", "int8")]
+    logits = {f"{r}_{p}": batched(run, x) for (r, p), run in runners.items()}
+    paths, missing = _other_paths(target.get("paths", []), checkpoint, onnx, x, logits)
+    ref = logits[REFERENCE]
     report: dict = {
         "test_samples": len(labels),
-        "accuracy": {f"{r}_{p}": float((v.argmax(1) == labels).mean()) for (r, p), v in logits.items()},
+        "classes": data.classes,
+        "accuracy": {k: float((v.argmax(1) == labels).mean()) for k, v in logits.items()},
+        "per_class": {k: per_class_accuracy(v, labels, len(data.classes)) for k, v in logits.items()},
         "agreement": {
-            r: agreement(ref, logits[(r, "int8")], gates.get("ort_confident_margin", 1.0))
-            for r in ("torchscript", "onnxruntime")
-            if (r, "int8") in logits
+            k.replace("_int8", ""): agreement(ref, v, gates.get("ort_confident_margin", 1.0))
+            for k, v in logits.items()
+            if "_int8" in k and k != REFERENCE
         },  # fmt: skip
-        "ort_int8_kernels": ort_int8_kernels(folder / ARTIFACTS["onnx"]) if "onnx" in formats else {},
+        "paths": paths,
+        "missing_paths": missing,
+        "onnxruntime_config": ort_config,
         "sizes_bytes": {fmt: art["bytes"] for fmt, art in formats.items()},
-        "latency": [],
     }
-    report["latency"] = _latency_grid(runners, folder, reference, grid)
+    if onnx:
+        ops = ort_op_counts(onnx, ort_config)
+        report["ort_kernels"] = {"int8": int8_kernels(ops), "model_convs": count_convs(int8),
+                                 "float_convs": sum(ops.get(op, 0) for op in FLOAT_CONVS)}  # fmt: skip
+    report["latency"] = _latency_grid(runners, folder, reference, grid, ort_config)
     report["speedup_int8_vs_fp32"] = _speedups(report["latency"])
+    report["where"] = environment({"torch": torch.get_num_threads(), "latency_grid": grid.get("threads", [1])})
     report["checks"] = check_gates(report, gates)
     report["passed"] = all(c["passed"] for c in report["checks"])
     return report
 
 
-def _latency_grid(runners: dict, folder: Path, reference: Path | None, grid: dict) -> list[dict]:
-    from kdq.export import ARTIFACTS
+def _other_paths(names: list[str], checkpoint: Path, onnx: Path | None, x: np.ndarray, logits: dict):
+    """Run the int8 runtimes on the extra paths the target names; add their logits as `RUNTIME_int8@PATH`.
 
-    rows = []
-    for threads in grid.get("threads", [1]):
-        for (runtime, precision), run in runners.items():
-            if runtime == "onnxruntime":  # ORT threads are per session
-                base = folder if precision == "int8" else reference
-                run = ort_runner(ort_session(base / ARTIFACTS["onnx"], threads))
-            for batch in grid.get("batch_sizes", [1]):
-                runs = grid.get("runs", 50) if batch == 1 else max(3, grid.get("runs", 50) // 5)
-                ms = latency_ms(run, batch, grid.get("warmup", 10) if batch == 1 else 2, runs,
-                                lambda t=threads: torch.set_num_threads(t))  # fmt: skip
-                rows.append({"runtime": runtime, "precision": precision, "batch": batch, "threads": threads, "ms": ms})
-    return rows
+    Returns how each path was taken, and the paths that could not be taken with the reason (their gate fails).
+    """
+    taken: dict[str, str] = {"native": "VNNI" if has_vnni() else "AVX2 (no VNNI)"}
+    missing: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="kdq-paths-") as tmp:
+        xs, out = Path(tmp) / "x.npy", Path(tmp) / "out.npy"
+        np.save(xs, x)
+
+        def run(cmd: list[str], env: dict | None = None) -> np.ndarray:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warning" not in ln.lower()]
+                raise ExportError(f"{' '.join(cmd[:4])}... failed: {(last or ['no output'])[-1]}")
+            return np.load(out)
+
+        for name in names:
+            if name == "exact":
+                if onnx:
+                    logits["onnxruntime_int8@exact"] = batched(ort_runner(ort_session(str(onnx), 1, ORT_EXACT_U8S8)), x)
+                taken[name] = "ONNX Runtime with session.x64quantprecision=1 (u8u8, no int16 saturation)"
+            elif name == "avx2" and not has_vnni():
+                taken[name] = "this CPU (no VNNI): the native runs above are the AVX2 path"
+            elif name == "avx2":
+                env = {**os.environ, **AVX2_ENV}
+                cmd = [sys.executable, "-m", "kdq.int8run", "torch", str(checkpoint), str(xs), str(out), "fbgemm"]
+                logits["pytorch_int8@avx2"] = run(cmd, env)
+                how = f"PyTorch: fbgemm engine with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}"
+                emulator = avx2_emulator()
+                if onnx and emulator:
+                    cmd = [*emulator, sys.executable, "-m", "kdq.int8run", "onnx", str(onnx), str(xs), str(out)]
+                    logits["onnxruntime_int8@avx2"] = run(cmd)
+                    how += f"; ONNX Runtime: under `{' '.join(Path(c).name for c in emulator)}` (emulated AVX2 CPU)"
+                elif onnx:
+                    missing[name] = (
+                        "qemu-x86_64 not found: install Debian's qemu-user to certify ONNX Runtime's AVX2 path"
+                    )
+                taken[name] = how
+    return taken, missing
+
+
+def _latency_grid(runners: dict, folder: Path, reference: Path | None, grid: dict, ort_config: dict | None = None):
+    """Median ms of every runtime x batch x thread count, measured in `rounds` interleaved rounds: each round
+    times every cell once, so a slow spell of the machine hits both sides of a ratio alike."""
+    rounds = grid.get("rounds", 1)
+    sessions: dict[tuple[str, int], Runner] = {}
+    cells: dict[tuple, list[float]] = {}
+    for _ in range(rounds):
+        for threads in grid.get("threads", [1]):
+            for (runtime, precision), run in runners.items():
+                if runtime == "onnxruntime":  # ORT threads are per session
+                    base = folder if precision == "int8" else reference
+                    config = ort_config if precision == "int8" else None
+                    key = (precision, threads)
+                    if key not in sessions:
+                        sessions[key] = ort_runner(ort_session(str(base / ARTIFACTS["onnx"]), threads, config))
+                    run = sessions[key]
+                for batch in grid.get("batch_sizes", [1]):
+                    total = grid.get("runs", 50) if batch == 1 else max(3, grid.get("runs", 50) // 5)
+                    ms = latency_ms(run, batch, grid.get("warmup", 10) if batch == 1 else 2, max(3, total // rounds),
+                                    lambda t=threads: torch.set_num_threads(t))  # fmt: skip
+                    cells.setdefault((runtime, precision, batch, threads), []).append(ms)
+    return [{"runtime": r, "precision": p, "batch": b, "threads": t, "ms": statistics.median(v), "rounds_ms": v}
+            for (r, p, b, t), v in cells.items()]  # fmt: skip
+
+
+def latency_ms(run: Runner, batch: int, warmup: int, runs: int, set_threads: Callable[[], None]) -> float:
+    set_threads()
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+    return median_ms(lambda: run(x), warmup, runs)
 
 
 def _speedups(rows: list[dict]) -> dict:
@@ -265,10 +371,27 @@ def _speedups(rows: list[dict]) -> dict:
             for (rt, p, b, t), v in ms.items() if p == "int8" and (rt, "fp32", b, t) in ms}  # fmt: skip
 
 
+# --- report ----------------------------------------------------------------------------------------
+
+
 def format_report(report: dict) -> str:
-    """Markdown: accuracy per runtime, agreement, latency grid, then the gates with ✓/✗."""
-    lines = [f"# Parity certificate ({report['test_samples']} test images)", "", "| runtime | accuracy |", "|---|---|"]
-    lines += [f"| {k} | {v:.2%} |" for k, v in report["accuracy"].items()]
+    """Markdown: where it was measured, accuracy per runtime and path, agreement, latency, then every gate."""
+    lines = [f"# Parity certificate ({report['test_samples']} test images)", ""]
+    if "where" in report:
+        lines += [f"Measured on {describe(report['where'])}.", ""]
+    for path, how in report.get("paths", {}).items():
+        lines.append(f"- int8 path `{path}`: {how}")
+    if report.get("onnxruntime_config"):
+        entries = ", ".join(f"{k}={v}" for k, v in report["onnxruntime_config"].items())
+        lines.append(f"- ONNX Runtime session config (every consumer sets it, see the manifest): {entries}")
+    lines += ["", "| runtime | accuracy | worst class vs float |", "|---|---|---|"]
+    per_class, classes = report.get("per_class", {}), report.get("classes", [])
+    for k, v in report["accuracy"].items():
+        worst = ""
+        if FLOAT in per_class and k != FLOAT and k in per_class:
+            drops = np.subtract(per_class[FLOAT], per_class[k])
+            worst = f"{classes[int(drops.argmax())]}: {-drops.max():+.1%}"
+        lines.append(f"| {k} | {v:.2%} | {worst} |")
     lines += ["", "| vs PyTorch int8 | top-1 agreement | confident agreement | max abs Δlogit | mean abs Δlogit |",
               "|---|---|---|---|---|"]  # fmt: skip
     for r, a in report["agreement"].items():
@@ -276,7 +399,7 @@ def format_report(report: dict) -> str:
             f"| {r} | {a['top1_agreement']:.2%} | {a['confident_agreement']:.2%} ({a['confident_samples']}) "
             f"| {a['max_abs_logit_diff']:.4f} | {a['mean_abs_logit_diff']:.4f} |"
         )
-    lines += ["", "| runtime | precision | batch | threads | median ms |", "|---|---|---|---|---|"]
+    lines += ["", "| runtime | precision | batch | threads | median ms (of rounds) |", "|---|---|---|---|---|"]
     lines += [f"| {r['runtime']} | {r['precision']} | {r['batch']} | {r['threads']} | {r['ms']:.3f} |"
               for r in report["latency"]]  # fmt: skip
     if report.get("speedup_int8_vs_fp32"):
@@ -284,11 +407,18 @@ def format_report(report: dict) -> str:
             "",
             "int8 vs fp32 speedup: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["speedup_int8_vs_fp32"].items()),
         ]
-    kernels = report.get("ort_int8_kernels") or {}
-    lines += ["", "ONNX Runtime int8 kernels: " + (", ".join(f"{k}×{v}" for k, v in kernels.items()) or "none")]
+    kernels = report.get("ort_kernels")
+    if kernels:
+        listed = ", ".join(f"{k}×{v}" for k, v in kernels["int8"].items()) or "none"
+        lines += ["", f"ONNX Runtime int8 kernels: {listed} ({kernels['model_convs']} convolutions in the model, "
+                      f"{kernels['float_convs']} left in float)"]  # fmt: skip
     lines += ["", "| gate | value | threshold | |", "|---|---|---|---|"]
-    lines += [f"| {c['name']} | {c['value']:.4g} | {c['threshold']} | {'✓' if c['passed'] else '✗ FAILED'} |"
-              for c in report["checks"]]  # fmt: skip
+    for c in report["checks"]:
+        value = "—" if c["value"] is None else f"{c['value']:.4g}"
+        verdict = "✓" if c["passed"] else "✗ FAILED"
+        if c.get("reason"):
+            verdict += f" ({c['reason']})"
+        lines.append(f"| {c['name']} | {value} | {c['threshold']} | {verdict} |")
     lines += ["", f"**{'PASSED' if report['passed'] else 'FAILED'}**", ""]
     return "\n".join(lines)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from kdq import recipes
+from kdq.artifacts import load_target
 from kdq.config import Preset, with_overrides
-from kdq.export import existing_certificate, export, load_target
+from kdq.export import existing_certificate, export
 from kdq.parity import format_report
 from kdq.report import write_report
 

@@ -6,6 +6,11 @@ int8 kernels (QLinearConv/QLinearAdd). PT2E (torchao) is the migration target: b
 TorchScript is float-simulated and ORT runs its ONNX only partly in int8. A `Flow` with the same five
 methods replaces `EagerFlow` when that changes; `FLOWS` is the registry.
 
+x86 activations are 7-bit (0..127) by default: CPUs without VNNI (AVX2, most x86 edge devices) add pairs
+of u8 x s8 products in a saturating int16, and 8-bit activations overflow it (`kdq.cpu`). With 7-bit
+activations every pair stays below 32,767 on every x86 kernel, so one model is exact on VNNI and AVX2 alike;
+measured in bench/results/int8_paths.json (README "int8 on every x86 CPU"). QNNPACK (ARM) keeps 8 bits.
+
 Checkpoints never hold packed int8 modules: they hold the *prepared* model's state (float weights plus
 observer / fake-quant statistics), which loads with `weights_only=True`, and `int8_model` converts it.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -29,13 +35,32 @@ QUANTIZATION = "quantization"  # checkpoint key: {"flow", "backend", "mode", ...
 FLOAT_MODEL = "float_model"  # checkpoint key: the float weights the int8 model came from (or None)
 
 
+@dataclass(frozen=True)
+class Scheme:
+    """The integer ranges of an int8 model, recorded in its checkpoint (`quantization.scheme`)."""
+
+    activation_bits: int = 8  # u8 activations use 0..2**bits-1; 7 keeps AVX2's int16 pair sums exact
+    weight_bits: int = 8  # symmetric s8 weights use -2**(bits-1)..2**(bits-1)-1
+
+    def __post_init__(self):
+        if not (2 <= self.activation_bits <= 8 and 2 <= self.weight_bits <= 8):
+            raise ValueError(f"int8 scheme bits must be 2..8, got {self}")
+
+
+DEFAULT_ACTIVATION_BITS = {"x86": 7, "qnnpack": 8}  # why 7 on x86: module docstring
+
+
+def default_scheme(backend: str, activation_bits: int | None = None, weight_bits: int = 8) -> Scheme:
+    return Scheme(activation_bits or DEFAULT_ACTIVATION_BITS.get(backend, 8), weight_bits)
+
+
 class Flow(Protocol):
     name: str
 
-    def prepare(self, model: nn.Module, backend: str, qat: bool) -> nn.Module: ...
+    def prepare(self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None) -> nn.Module: ...
     def qat_epoch_hook(self, model: nn.Module, epoch: int, epochs: int, freeze_bn: float, freeze_obs: float): ...
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None: ...
-    def convert(self, prepared: nn.Module, backend: str) -> nn.Module: ...
+    def convert(self, prepared: nn.Module, backend: str, engine: str | None = None) -> nn.Module: ...
     def check_available(self, backend: str) -> None: ...
 
 
@@ -44,21 +69,25 @@ class EagerFlow:
 
     name = "eager"
 
-    def qconfig(self, qat: bool) -> tq.QConfig:
+    def qconfig(self, qat: bool, scheme: Scheme) -> tq.QConfig:
         """The same qconfig serves both engines; only the kernels (and their weight packing) differ.
 
         Per-channel weights, also on QNNPACK (whose own default is per-tensor): after BN folding, one
         depthwise filter of the smoke student was ~5,700x larger than the median one, a single per-tensor
-        scale rounded the others to zero, and PTQ accuracy fell from 95% to 10%. Activations use the
-        full 0..255 range (reduce_range=False): the same speed on VNNI CPUs and better parity with onnxruntime.
+        scale rounded the others to zero, and PTQ accuracy fell from 95% to 10%. Activation and weight
+        ranges come from `scheme` (x86: 7-bit activations, see the module docstring).
         """
+        act_range = {"quant_min": 0, "quant_max": 2**scheme.activation_bits - 1, "reduce_range": False}
+        w = 2 ** (scheme.weight_bits - 1)
+        w_range = {"quant_min": -w, "quant_max": w - 1, "dtype": torch.qint8, "qscheme": torch.per_channel_symmetric}
         if qat:
-            act = tq.FusedMovingAvgObsFakeQuantize.with_args(
-                observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=False
+            act = tq.FusedMovingAvgObsFakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, **act_range)
+            weight = tq.FusedMovingAvgObsFakeQuantize.with_args(
+                observer=tq.MovingAveragePerChannelMinMaxObserver, **w_range
             )
-            return tq.QConfig(activation=act, weight=tq.default_fused_per_channel_wt_fake_quant)
-        act = tq.HistogramObserver.with_args(quant_min=0, quant_max=255, reduce_range=False)
-        return tq.QConfig(activation=act, weight=tq.default_per_channel_weight_observer)
+            return tq.QConfig(activation=act, weight=weight)
+        act = tq.HistogramObserver.with_args(**act_range)
+        return tq.QConfig(activation=act, weight=tq.PerChannelMinMaxObserver.with_args(**w_range))
 
     def check_available(self, backend: str) -> None:
         if backend not in BACKENDS:
@@ -69,12 +98,12 @@ class EagerFlow:
                 f"(has: {', '.join(torch.backends.quantized.supported_engines)})"
             )
 
-    def prepare(self, model: nn.Module, backend: str, qat: bool) -> nn.Module:
+    def prepare(self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None) -> nn.Module:
         self.check_available(backend)
         torch.backends.quantized.engine = backend
         model = copy.deepcopy(model).train(qat)
         model.fuse_model(is_qat=qat)
-        model.qconfig = self.qconfig(qat)
+        model.qconfig = self.qconfig(qat, scheme or default_scheme(backend))
         # The classifier stays float (dequantize happens before it): an int8 classifier puts logits on a
         # coarse grid, and ties between runtimes then cost parity.
         model.classifier.qconfig = None
@@ -95,9 +124,9 @@ class EagerFlow:
         for x in batches:
             model(x)
 
-    def convert(self, prepared: nn.Module, backend: str) -> nn.Module:
+    def convert(self, prepared: nn.Module, backend: str, engine: str | None = None) -> nn.Module:
         self.check_available(backend)
-        torch.backends.quantized.engine = backend
+        torch.backends.quantized.engine = engine or backend
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation + "must run observer" for unused skip-add observers
             return tq.convert(copy.deepcopy(prepared).eval().cpu())
@@ -121,7 +150,8 @@ def prepared_from_checkpoint(ckpt: dict[str, Any], path: Any = "checkpoint") -> 
     """Rebuild the prepared (observed / fake-quant) model a quantized checkpoint holds."""
     q, arch = ckpt[QUANTIZATION], ckpt[ARCH]
     model = build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
-    prepared = get_flow(q["flow"]).prepare(model, q["backend"], qat=q["mode"] == "qat")
+    qat, scheme = q["mode"] == "qat", checkpoint_scheme(ckpt)
+    prepared = get_flow(q["flow"]).prepare(model, q["backend"], qat=qat, scheme=scheme)
     try:
         prepared.load_state_dict(ckpt[MODEL])
     except RuntimeError as e:
@@ -129,14 +159,24 @@ def prepared_from_checkpoint(ckpt: dict[str, Any], path: Any = "checkpoint") -> 
     return prepared.eval()
 
 
-def int8_model(ckpt: dict[str, Any], path: Any = "checkpoint") -> nn.Module:
-    """The int8 model of a quantized checkpoint (eval mode, CPU, engine set to its backend)."""
+def checkpoint_scheme(ckpt: dict[str, Any]) -> Scheme:
+    """The scheme a quantized checkpoint was made with (checkpoints from before schemes used 8/8 bits)."""
+    return Scheme(**ckpt[QUANTIZATION].get("scheme", {}))
+
+
+def int8_model(ckpt: dict[str, Any], path: Any = "checkpoint", engine: str | None = None) -> nn.Module:
+    """The int8 model of a quantized checkpoint (eval mode, CPU, engine set to its backend).
+
+    `engine` packs the weights for another quantized engine of the same backend: "fbgemm" is what the x86
+    engine runs on CPUs without VNNI (on VNNI CPUs it sends most convolutions to oneDNN), so together with
+    `kdq.cpu.AVX2_ENV` it reproduces an AVX2-only machine's int8 arithmetic on any x86 CPU.
+    """
     if not is_quantized(ckpt):
         raise CheckpointError(
             f"{path} is a float checkpoint; quantize it first (`kdq quantize` or `kdq distill --qat`)"
         )
     q = ckpt[QUANTIZATION]
-    return get_flow(q["flow"]).convert(prepared_from_checkpoint(ckpt, path), q["backend"])
+    return get_flow(q["flow"]).convert(prepared_from_checkpoint(ckpt, path), q["backend"], engine)
 
 
 def float_reference(ckpt: dict[str, Any]) -> nn.Module | None:

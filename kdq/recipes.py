@@ -10,7 +10,7 @@ student (distilled or baseline) and evaluation. Each reads and writes a run dire
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from kdq.data import Dataset, Normalize, load_dataset
 from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import check_writable, save_json, save_torch
 from kdq.models import build_model
-from kdq.quant import FLOAT_MODEL, QUANTIZATION, get_flow, int8_model, is_quantized
+from kdq.quant import FLOAT_MODEL, QUANTIZATION, Scheme, default_scheme, get_flow, int8_model, is_quantized
 from kdq.train import CHECKPOINT, Distill, Runtime, TrainingError, fit, setup_runtime
 
 SOFT_TARGETS = "soft_targets.pt"
@@ -146,10 +146,17 @@ def train_student(
             model = ck.model_from_checkpoint(ickpt, init)
             arch, float_weights = ickpt[ck.ARCH], ickpt[ck.MODEL]
         flow = get_flow("eager")
-        model = flow.prepare(model, q.backend, qat=True)
+        scheme = default_scheme(q.backend, q.activation_bits, q.weight_bits)
+        model = flow.prepare(model, q.backend, qat=True, scheme=scheme)
         optim = q.qat_optim
         extra = {
-            QUANTIZATION: {"flow": flow.name, "backend": q.backend, "mode": "qat", "init": str(init) if init else None},
+            QUANTIZATION: {
+                "flow": flow.name,
+                "backend": q.backend,
+                "mode": "qat",
+                "scheme": asdict(scheme),
+                "init": str(init) if init else None,
+            },  # fmt: skip
             FLOAT_MODEL: float_weights,
         }
 
@@ -178,9 +185,17 @@ def train_student(
 
 
 def quantize_static(
-    checkpoint: Path, out: Path, opts: RunOptions, backend: str = "x86", batches: int = 100, batch_size: int = 64
+    checkpoint: Path,
+    out: Path,
+    opts: RunOptions,
+    backend: str = "x86",
+    batches: int = 100,
+    batch_size: int = 64,
+    scheme: Scheme | None = None,
 ) -> Path:
-    """Post-training static quantization: observe `batches` training batches, store the calibrated model."""
+    """Post-training static quantization: observe `batches` training batches, store the calibrated model.
+
+    `scheme` defaults to the backend's (kdq.quant: 7-bit activations on x86)."""
     out = Path(out)
     if out.exists() and not opts.overwrite:
         raise ck.CheckpointError(f"{out} exists; pass --overwrite to replace it")
@@ -193,7 +208,8 @@ def quantize_static(
     data = load_data(preset, opts)
     _check_same_data(ckpt, data, checkpoint)
     flow = get_flow("eager")
-    prepared = flow.prepare(model, backend, qat=False)
+    scheme = scheme or default_scheme(backend)
+    prepared = flow.prepare(model, backend, qat=False, scheme=scheme)
     normalize = Normalize(**ckpt[ck.NORMALIZATION])
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(preset.seed))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][:batches]
@@ -216,6 +232,7 @@ def quantize_static(
             "flow": flow.name,
             "backend": backend,
             "mode": "ptq",
+            "scheme": asdict(scheme),
             "calibration_batches": len(chunks),
             "source": str(checkpoint),
         },

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 import kdq
+from kdq.artifacts import MANIFEST, PARITY_JSON
 from kdq.errors import KdqError
-from kdq.export import MANIFEST, PARITY_JSON
 from kdq.files import atomic_output, save_text
 from kdq.parity import format_report
 from kdq.recipes import EVALUATION_JSON

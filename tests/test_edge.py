@@ -85,7 +85,8 @@ def export_dir(smoke_run: Path, tmp_path_factory) -> Path:
     if (out / "manifest.json").is_file():
         assert json.loads((out / "parity.json").read_text())["passed"]
         return out
-    from kdq.export import export, load_target
+    from kdq.artifacts import load_target
+    from kdq.export import export
 
     rejected = smoke_run / "export-x86.rejected" / "parity.md"
     warnings.warn(f"the smoke export failed its parity gates ({rejected}); testing an unverified export", stacklevel=1)

@@ -12,10 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from kdq import checkpoint as ck
+from kdq.artifacts import ExportError, Target, load_target
 from kdq.cli import main
 from kdq.data import Normalize
 from kdq.evaluate import predict_logits
-from kdq.export import ExportError, Target, export, load_target
+from kdq.export import export
 from kdq.models import count_parameters
 from kdq.quant import QUANTIZATION, float_reference, int8_model
 from kdq.recipes import RunOptions, quantize_static

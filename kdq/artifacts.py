@@ -1,0 +1,130 @@
+"""The export contract shared by `kdq.export` (writes it) and `kdq.parity` (checks it): artifact names,
+sha256, the manifest's integrity check, and export targets (`export/<name>.toml`) with their gate names.
+
+A module of its own so that export and parity depend on it instead of on each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kdq
+from kdq.errors import KdqError
+
+MANIFEST = "manifest.json"
+PARITY_JSON = "parity.json"
+PARITY_MD = "parity.md"
+ARTIFACTS = {"torchscript": "model.pt", "onnx": "model.onnx"}
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+# Every gate a target may name, and what it checks (kdq.parity.check_gates evaluates each one named).
+GATES = {
+    "torchscript_identical": "TorchScript int8 logits equal PyTorch int8 logits bit for bit",
+    "ort_top1_agreement_min": "ONNX Runtime int8 top-1 agrees with PyTorch int8 on at least this fraction",
+    "ort_confident_margin": "... and on 100% of samples whose top-2 logit margin exceeds this",
+    "ort_mean_abs_logit_max": "mean |ORT int8 - PyTorch int8| logit difference at most this",
+    "ort_accuracy_delta_max": "|ORT int8 accuracy - PyTorch int8 accuracy| at most this",
+    "ort_int8_kernels": "every convolution of the model runs as an int8 kernel (QLinearConv) in ONNX Runtime",
+    "int8_accuracy_drop_max": "every int8 runtime, on every path, loses at most this accuracy vs the float model",
+    "class_drop_max": "... and at most this on any single class",
+    "min_accuracy": "every int8 runtime, on every path, reaches at least this accuracy",
+    "ort_b1_max_ratio_vs_torchscript": "ORT int8 / TorchScript int8 latency at batch 1, per thread count",
+    "ort_int8_max_ratio_vs_fp32": "ORT int8 / ORT fp32 latency at the largest batch, per thread count",
+}
+RATIO_GATES = ("ort_b1_max_ratio_vs_torchscript", "ort_int8_max_ratio_vs_fp32")  # value: {max, margin} or a number
+PATHS = ("avx2", "exact")  # extra int8 arithmetic paths a target may certify (kdq.cpu, kdq.parity)
+
+
+class ExportError(KdqError):
+    """The export could not be produced, or it failed its parity gates."""
+
+
+def _targets_dir() -> Path:
+    """The repo's top-level `export/` folder; an installed wheel carries a copy as `kdq/targets/`."""
+    packaged = Path(kdq.__file__).parent / "targets"
+    return packaged if packaged.is_dir() else Path(kdq.__file__).resolve().parents[1] / "export"
+
+
+TARGETS_DIR = _targets_dir()
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str
+    formats: list[str]
+    onnx_opset: int = 17
+    gates: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)  # extra int8 paths to certify, from PATHS
+    onnxruntime_config: dict[str, str] = field(default_factory=dict)  # session config entries every consumer sets
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A target by name (`export/NAME.toml`) or by path to a TOML file; unknown keys, formats, gates or paths
+    are one-line errors here, before anything is exported."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = TARGETS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+        raise ExportError(
+            f"unknown export target {str(name_or_path)!r}; choose from: {', '.join(known)} or a .toml path"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ExportError(f"{path}: not valid TOML ({e})") from e
+    unknown = set(data) - {f for f in Target.__dataclass_fields__ if f != "name"}
+    if unknown:
+        raise ExportError(f"{path}: unknown keys {sorted(unknown)}")
+    for key, known in (("formats", ARTIFACTS), ("gates", GATES), ("paths", PATHS)):
+        bad = set(data.get(key, [])) - set(known)
+        if bad:
+            raise ExportError(f"{path}: unknown {key} {sorted(bad)}; choose from: {', '.join(known)}")
+    for gate in RATIO_GATES:
+        spec = data.get("gates", {}).get(gate)
+        if isinstance(spec, dict) and set(spec) - {"max", "margin"}:
+            raise ExportError(f"{path}: gate {gate} takes a number or {{max = ..., margin = ...}}")
+    return Target(name=path.stem, **data)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_artifacts(folder: Path) -> dict:
+    """The manifest, after checking that every artifact it lists has the recorded sha256.
+
+    Nothing in the folder is loaded before this passes; a failure is a one-line ExportError.
+    """
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{path} not found: {folder} is not a kdq export folder")
+    try:
+        manifest = json.loads(path.read_text())
+        artifacts = manifest["artifacts"]
+        files = {fmt: (art["file"], art["sha256"]) for fmt, art in artifacts.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"{path}: not a kdq export manifest ({e.__class__.__name__})") from e
+    for name, expected in files.values():
+        if not isinstance(name, str) or Path(name).name != name:  # only plain names: never a path out of the folder
+            raise ExportError(f"{path}: artifact name {name!r} is not a plain file name")
+        if not (folder / name).is_file():
+            raise ExportError(f"{folder / name} is missing (the manifest lists it)")
+        actual = sha256(folder / name)
+        if actual != expected:
+            raise ExportError(
+                f"{folder / name}: sha256 {actual[:12]}… does not match the manifest ({str(expected)[:12]}…); "
+                "refusing to load it"
+            )
+    return manifest
