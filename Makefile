@@ -9,9 +9,13 @@ PRESET ?= demo
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup:  ## Install uv (with pip) if missing, then the locked environment in .venv
+setup:  ## Install uv (with pip) if missing, then the locked environment in .venv; qemu-user (Debian, root) if missing
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
 	@$(UV) sync --frozen --quiet
+	@# The x86 certificate runs ONNX Runtime's AVX2 kernels under qemu on VNNI CPUs (kdq/cpu.py).
+	@command -v qemu-x86_64 >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		qemu-user >/dev/null; } || echo "make: install Debian's qemu-user to certify the AVX2 int8 path" >&2
 
 demo: setup  ## The whole job offline on the embedded digits dataset: teacher, baseline, KD student, table
 	$(RUN) kdq pipeline --preset $(PRESET) --run-dir runs/$(PRESET) --resume

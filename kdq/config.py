@@ -87,14 +87,15 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # Offline, CPU, a few minutes: scikit-learn's handwritten digits upscaled to 32x32x3.
+    # Offline, CPU, under 5 minutes on 2 cores of an AVX2-only CPU: scikit-learn's digits upscaled to 32x32x3.
+    # The teacher is a CIFAR ResNet-56 (125 M MACs; ResNet-18's 556 M took half the budget alone).
     "demo": Preset(
         name="demo",
         dataset="digits",
-        teacher="resnet18",
-        teacher_optim=Optim(epochs=3, lr=0.05, batch_size=64),
-        student_optim=Optim(epochs=8, lr=0.1, batch_size=64),
-        quant=Quant(calibration_batches=20, qat_optim=Optim(epochs=3, lr=0.01, batch_size=64, schedule="cosine")),
+        teacher="resnet56",
+        teacher_optim=Optim(epochs=8, lr=0.1, batch_size=64),
+        student_optim=Optim(epochs=6, lr=0.1, batch_size=64),
+        quant=Quant(calibration_batches=20, qat_optim=Optim(epochs=2, lr=0.01, batch_size=64, schedule="cosine")),
         augment=Augment(crop_padding=2, flip=False),
     ),
     # Seconds, not minutes: the whole pipeline once, for tests and smoke runs of launchers. The "teacher"

@@ -412,13 +412,11 @@ def format_report(report: dict) -> str:
         listed = ", ".join(f"{k}×{v}" for k, v in kernels["int8"].items()) or "none"
         lines += ["", f"ONNX Runtime int8 kernels: {listed} ({kernels['model_convs']} convolutions in the model, "
                       f"{kernels['float_convs']} left in float)"]  # fmt: skip
-    lines += ["", "| gate | value | threshold | |", "|---|---|---|---|"]
+    lines += ["", "| gate | value | threshold | | note |", "|---|---|---|---|---|"]
     for c in report["checks"]:
         value = "—" if c["value"] is None else f"{c['value']:.4g}"
         verdict = "✓" if c["passed"] else "✗ FAILED"
-        if c.get("reason"):
-            verdict += f" ({c['reason']})"
-        lines.append(f"| {c['name']} | {value} | {c['threshold']} | {verdict} |")
+        lines.append(f"| {c['name']} | {value} | {c['threshold']} | {verdict} | {c.get('reason') or ''} |")
     lines += ["", f"**{'PASSED' if report['passed'] else 'FAILED'}**", ""]
     return "\n".join(lines)
 

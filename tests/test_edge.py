@@ -412,3 +412,20 @@ def test_latency_benchmarks_run(cpp_apps: Path, kdq_edge: Path, export_dir: Path
     assert r.returncode == EXIT_OK, r.stderr
     doc = json.loads(r.stdout)
     assert doc["threads"] == 1 and doc["batch"] == 1 and 0 < doc["model_ms"] and 0 < doc["end_to_end_ms"]
+
+
+def test_python_runtime_sets_the_session_config_the_export_was_certified_with(export_dir: Path, tmp_path: Path):
+    """The arm target certifies ONNX Runtime's exact int8 kernels (export/arm.toml): kdq-edge sets the same."""
+    sys.path.insert(0, str(EDGE_PY))
+    try:
+        from kdq_edge.manifest import load_manifest
+        from kdq_edge.model import EdgeModel
+    finally:
+        sys.path.remove(str(EDGE_PY))
+    folder = tmp_path / "export"
+    shutil.copytree(export_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["target"]["onnxruntime_config"] = {"session.x64quantprecision": "1"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    options = EdgeModel(load_manifest(folder)).session.get_session_options()
+    assert options.get_session_config_entry("session.x64quantprecision") == "1"

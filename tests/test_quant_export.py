@@ -63,7 +63,8 @@ def test_pipeline_export_is_certified(smoke_run):
     assert parity["passed"] and parity["test_samples"] == 360
     assert parity["agreement"]["torchscript"]["identical"]
     assert parity["agreement"]["onnxruntime"]["top1_agreement"] >= 0.95  # smoke-target.toml: a seconds-old model
-    assert parity["ort_int8_kernels"].get("QLinearConv", 0) > 40  # ORT really runs int8 convolutions
+    kernels = parity["ort_kernels"]  # ORT really runs every convolution in int8
+    assert kernels["int8"]["QLinearConv"] == kernels["model_convs"] > 40 and kernels["float_convs"] == 0
     runtimes = {(r["runtime"], r["precision"]) for r in parity["latency"]}
     assert runtimes == {(rt, p) for rt in ("pytorch", "torchscript", "onnxruntime") for p in ("fp32", "int8")}
     assert "PASSED" in (folder / "parity.md").read_text()

@@ -150,7 +150,7 @@ def test_export_tables_equal_parity_json(smoke_run, report):
     for runtime, a in parity["agreement"].items():
         assert shown(agreement[runtime][1], a["top1_agreement"])
         assert shown(agreement[runtime][3], a["max_abs_logit_diff"])
-    gates = {row[0]: row[-1] for row in table(md, "gate")}
+    gates = {row[0]: row[3] for row in table(md, "gate")}
     assert {c["name"]: "✓" if c["passed"] else "✗ FAILED" for c in parity["checks"]} == gates
 
 

@@ -32,6 +32,11 @@ class Manifest:
     artifacts: dict[str, dict[str, Any]]
     raw: dict[str, Any]
 
+    @property
+    def onnxruntime_config(self) -> dict[str, str]:
+        """ONNX Runtime session config entries the export was certified with (`target.onnxruntime_config`)."""
+        return {str(k): str(v) for k, v in self.raw.get("target", {}).get("onnxruntime_config", {}).items()}
+
     def artifact_path(self, fmt: str) -> Path:
         if fmt not in self.artifacts:
             have = ", ".join(sorted(self.artifacts)) or "none"

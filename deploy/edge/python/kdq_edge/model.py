@@ -55,6 +55,8 @@ class EdgeModel:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        for key, value in manifest.onnxruntime_config.items():  # e.g. the arm target's exact int8 kernels
+            opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
