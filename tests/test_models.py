@@ -6,7 +6,14 @@ from kdq.models import CifarMobileNetV2, build_model, count_parameters
 
 @pytest.mark.parametrize(
     "arch,expected",
-    [("resnet18", 11.17e6), ("resnet50", 23.52e6), ("resnet152", 58.16e6), ("mobilenet_v2", 2.24e6)],
+    [
+        ("resnet20", 0.27e6),
+        ("resnet56", 0.856e6),
+        ("resnet18", 11.17e6),
+        ("resnet50", 23.52e6),
+        ("resnet152", 58.16e6),
+        ("mobilenet_v2", 2.24e6),
+    ],  # fmt: skip
 )
 def test_parameter_counts(arch, expected):
     assert count_parameters(build_model(arch, 10)) == pytest.approx(expected, rel=0.01)
@@ -18,6 +25,15 @@ def test_cifar_stem_keeps_resolution():
     student = build_model("mobilenet_v2", 10)
     assert student.features[0][0].stride == (1, 1)
     assert build_model("mobilenet_v2", 7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_cifar_resnet_has_he_et_al_layout():
+    """Depth 6n+2: stem + 3 stages of n basic blocks (2 convs each) + fc; 16/32/64 channels, 8x8 final maps."""
+    m = build_model("resnet56", 10)
+    assert sum(isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3) for x in m.modules()) == 55
+    assert m.layers(m.stem(torch.randn(1, 3, 32, 32))).shape == (1, 64, 8, 8)
+    with pytest.raises(ValueError, match="6n\\+2"):
+        build_model("resnet20", 10).__class__(21)
 
 
 def test_student_is_ready_for_eager_quantization():
