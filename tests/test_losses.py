@@ -57,3 +57,18 @@ def test_soft_labels_from_mixing_are_accepted():
     probs = torch.softmax(torch.randn(4, 10), 1)
     total, _, _ = KDLoss(0.0)(s, probs)
     assert torch.allclose(total, -(probs * F.log_softmax(s, 1)).sum(1).mean())
+
+
+def test_soft_term_is_the_per_sample_mean_over_a_batch():
+    """N > 1: T^2 * (sum over samples of KL) / N. `reduction="mean"` (divides by N*C too) or "sum" fails this."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    T = 2.0
+    per_sample = []
+    for row_s, row_t in zip(s.tolist(), t.tolist(), strict=True):
+        ps = [math.exp(v / T) for v in row_s]
+        pt = [math.exp(v / T) for v in row_t]
+        ps, pt = [p / sum(ps) for p in ps], [p / sum(pt) for p in pt]
+        per_sample.append(sum(q * math.log(q / p) for p, q in zip(ps, pt, strict=True)))
+    soft = KDLoss(1.0, T)(s, torch.zeros(3, dtype=torch.long), t)[1]
+    assert soft.item() == pytest.approx(T * T * sum(per_sample) / 3, rel=1e-5)
