@@ -87,6 +87,8 @@ def load_target(name_or_path: str | Path) -> Target:
         bad = set(data.get(key, [])) - set(known)
         if bad:
             raise ExportError(f"{path}: unknown {key} {sorted(bad)}; choose from: {', '.join(known)}")
+    if "avx2" in data.get("paths", []) and data.get("backend") != "x86":
+        raise ExportError(f"{path}: path avx2 is x86's int8 arithmetic; a {data.get('backend')} target cannot take it")
     for gate in RATIO_GATES:
         spec = data.get("gates", {}).get(gate)
         if isinstance(spec, dict) and set(spec) - {"max", "margin"}:

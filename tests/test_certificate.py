@@ -106,6 +106,9 @@ def test_target_files_name_only_known_gates(tmp_path):
     bad.write_text(SMOKE_TARGET.read_text().replace('paths = ["avx2", "exact"]', 'paths = ["avx3"]'))
     with pytest.raises(ExportError, match="unknown paths"):
         load_target(bad)
+    bad.write_text(SMOKE_TARGET.read_text().replace('backend = "x86"', 'backend = "qnnpack"'))
+    with pytest.raises(ExportError, match="path avx2 is x86's"):
+        load_target(bad)
 
 
 def test_arm_target_certifies_non_saturating_onnxruntime():

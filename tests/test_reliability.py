@@ -177,8 +177,14 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert path.read_text() == "old" and temp_files(tmp_path) == []
 
 
-# Writers into a staging folder that export() renames into place whole (or a temp folder): never the final path.
-STAGED = {("export.py", "export_torchscript"), ("export.py", "export_onnx")}
+# Writers into a staging folder that export() renames into place whole, or into a temporary folder (the inputs
+# and logits that parity hands to `python -m kdq.int8run`, torch-free so that kdq.files cannot be used there).
+STAGED = {
+    ("export.py", "export_torchscript"),
+    ("export.py", "export_onnx"),
+    ("parity.py", "_other_paths"),
+    ("int8run.py", "main"),
+}
 
 
 def _writes(call) -> tuple[bool, object]:
