@@ -38,6 +38,11 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PYTHON_DOWNLOADS=never \
     UV_PROJECT_ENVIRONMENT=/opt/kdq \
     UV_SYSTEM_CERTS=1
+# qemu-user: `kdq export` certifies the x86 AVX2 int8 path on any CPU by running ONNX Runtime under an
+# emulated AVX2-only CPU (kdq/cpu.py); without it that gate fails on VNNI machines.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends "qemu-user=1:7.2+dfsg-7+deb12u*" \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 --user-group kdq \
     && mkdir -p /workspace /data \
     && chown kdq:kdq /workspace /data
@@ -47,7 +52,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=secret,id=ca,required=false \
     --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
     if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
-    && /opt/uv/bin/uv sync --directory /opt/kdq-lock --frozen --no-dev --no-install-project
+    && /opt/uv/bin/uv sync --quiet --directory /opt/kdq-lock --frozen --no-dev --no-install-project
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
     --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
     /opt/uv/bin/uv pip install --python /opt/kdq/bin/python --no-deps --no-cache --offline /dist/kdq-*.whl

@@ -15,8 +15,6 @@ Prints the table and writes bench/results/int8_paths-<time>.json.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,19 +29,12 @@ from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, avx2_emulator, environment, has_vn
 from kdq.data import Normalize, load_dataset
 from kdq.evaluate import median_ms
 from kdq.export import export_onnx, export_torchscript
+from kdq.int8run import logits_in_child
 from kdq.int8run import ort_session as session
 from kdq.quant import Scheme, float_reference, int8_model
 from kdq.recipes import SOFT_TARGETS, RunOptions, quantize_static, train_student
 
 SCHEMES = {"a8w8": Scheme(8, 8), "a7w8": Scheme(7, 8), "a8w7": Scheme(8, 7)}
-FORCED_AVX2 = """
-import sys, numpy as np, torch
-from kdq import checkpoint as ck
-from kdq.quant import int8_model
-model = int8_model(ck.load_checkpoint(sys.argv[1]), engine="fbgemm")
-with torch.no_grad():
-    np.save(sys.argv[3], model(torch.from_numpy(np.load(sys.argv[2]))).numpy())
-"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +57,6 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="kdq-int8-paths-") as tmp:
         tmp = Path(tmp)
         (tmp / SOFT_TARGETS).symlink_to((args.run_dir / SOFT_TARGETS).resolve())
-        np.save(tmp / "x.npy", x)
         fp32_onnx = tmp / "fp32.onnx"
         export_onnx(ck.model_from_checkpoint(fckpt), fp32_onnx, 17)
         acc = lambda logits: float((logits.argmax(1) == labels).mean())  # noqa: E731
@@ -84,11 +74,11 @@ def run(args: argparse.Namespace) -> dict:
                     native = model(torch.from_numpy(x)).numpy()
                 row = {"scheme": name, "mode": mode, **scheme.__dict__, "fp32": float_acc}
                 row["pytorch_native"] = acc(native)
-                row["pytorch_avx2"] = acc(forced_avx2(path, tmp))
+                row["pytorch_avx2"] = acc(logits_in_child("torch", path, x, ["fbgemm"], env=AVX2_ENV))
                 row["ort_native"] = acc(ort_logits(onnx, x))
                 row["ort_native_exact"] = acc(ort_logits(onnx, x, ORT_EXACT_U8S8))
                 if emulator:
-                    row["ort_avx2"] = acc(emulated(emulator, onnx, tmp))
+                    row["ort_avx2"] = acc(logits_in_child("onnx", onnx, x, launcher=emulator))
                 row["float_reference"] = acc(float_reference(ckpt)(torch.from_numpy(x)).detach().numpy())
                 row["latency_ms"] = ort_latency(onnx, fp32_onnx, args.rounds)
                 rows.append(row)
@@ -108,30 +98,6 @@ def quantized(student: Path, preset: Preset, scheme: Scheme, mode: str, tmp: Pat
 def ort_logits(onnx: Path, x: np.ndarray, config: dict | None = None) -> np.ndarray:
     sess = session(str(onnx), 1, config)
     return np.concatenate([sess.run(None, {"input": x[i : i + 64]})[0] for i in range(0, len(x), 64)])
-
-
-def forced_avx2(path: Path, tmp: Path) -> np.ndarray:
-    env = {**os.environ, **AVX2_ENV}
-    subprocess.run([sys.executable, "-c", FORCED_AVX2, str(path), str(tmp / "x.npy"), str(tmp / "avx2.npy")],
-                   env=env, check=True)  # fmt: skip
-    return np.load(tmp / "avx2.npy")
-
-
-def emulated(emulator: list[str], onnx: Path, tmp: Path, config: dict | None = None) -> np.ndarray:
-    entries = [f"{k}={v}" for k, v in (config or {}).items()]
-    cmd = [
-        *emulator,
-        sys.executable,
-        "-m",
-        "kdq.int8run",
-        "onnx",
-        str(onnx),
-        str(tmp / "x.npy"),
-        str(tmp / "emu.npy"),
-        *entries,
-    ]
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
-    return np.load(tmp / "emu.npy")
 
 
 def ort_latency(int8: Path, fp32: Path, rounds: int) -> dict:

@@ -11,10 +11,19 @@ can change. The `onnx` mode imports only numpy and onnxruntime, so that it start
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from kdq.errors import KdqError
 
 BATCH = 64
+
+
+class Int8RunError(KdqError):
+    """The child process that runs an int8 path failed (its last line of error output says why)."""
 
 
 def ort_session(path: str | os.PathLike, threads: int = 1, config: Mapping[str, str] | None = None):
@@ -27,6 +36,30 @@ def ort_session(path: str | os.PathLike, threads: int = 1, config: Mapping[str, 
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, str(value))
     return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+
+
+def logits_in_child(
+    mode: str,
+    model: str | os.PathLike,
+    x,
+    extra: Sequence[str] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    launcher: Sequence[str] = (),
+):
+    """Logits of `python -m kdq.int8run MODE MODEL ...` on the array `x`, run under `launcher` (e.g. the AVX2
+    emulator) with `env` (e.g. fbgemm's instruction-set override); the arrays pass through a temporary folder."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="kdq-int8run-") as tmp:
+        xs, out = Path(tmp) / "x.npy", Path(tmp) / "logits.npy"
+        np.save(xs, x)
+        cmd = [*launcher, sys.executable, "-m", "kdq.int8run", mode, os.fspath(model), str(xs), str(out), *extra]
+        proc = subprocess.run(cmd, env=None if env is None else {**os.environ, **env}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warning" not in ln.lower()]
+            raise Int8RunError(f"{' '.join(cmd[: len(launcher) + 4])}... failed: {(last or ['no output'])[-1]}")
+        return np.load(out)
 
 
 def main(argv: list[str]) -> None:

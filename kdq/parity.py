@@ -14,9 +14,7 @@ Writes parity.json, including where it was measured; `format_report` renders it 
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, avx2_emulator, describe, environme
 from kdq.data import Normalize, load_dataset
 from kdq.evaluate import median_ms
 from kdq.files import save_json
-from kdq.int8run import ort_session
+from kdq.int8run import logits_in_child, ort_session
 from kdq.quant import QUANTIZATION, float_reference, int8_model
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -298,39 +296,23 @@ def _other_paths(names: list[str], checkpoint: Path, onnx: Path | None, x: np.nd
     """
     taken: dict[str, str] = {"native": "VNNI" if has_vnni() else "AVX2 (no VNNI)"}
     missing: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="kdq-paths-") as tmp:
-        xs, out = Path(tmp) / "x.npy", Path(tmp) / "out.npy"
-        np.save(xs, x)
-
-        def run(cmd: list[str], env: dict | None = None) -> np.ndarray:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                last = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warning" not in ln.lower()]
-                raise ExportError(f"{' '.join(cmd[:4])}... failed: {(last or ['no output'])[-1]}")
-            return np.load(out)
-
-        for name in names:
-            if name == "exact":
-                if onnx:
-                    logits["onnxruntime_int8@exact"] = batched(ort_runner(ort_session(str(onnx), 1, ORT_EXACT_U8S8)), x)
-                taken[name] = "ONNX Runtime with session.x64quantprecision=1 (u8u8, no int16 saturation)"
-            elif name == "avx2" and not has_vnni():
-                taken[name] = "this CPU (no VNNI): the native runs above are the AVX2 path"
-            elif name == "avx2":
-                env = {**os.environ, **AVX2_ENV}
-                cmd = [sys.executable, "-m", "kdq.int8run", "torch", str(checkpoint), str(xs), str(out), "fbgemm"]
-                logits["pytorch_int8@avx2"] = run(cmd, env)
-                how = f"PyTorch: fbgemm engine with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}"
-                emulator = avx2_emulator()
-                if onnx and emulator:
-                    cmd = [*emulator, sys.executable, "-m", "kdq.int8run", "onnx", str(onnx), str(xs), str(out)]
-                    logits["onnxruntime_int8@avx2"] = run(cmd)
-                    how += f"; ONNX Runtime: under `{' '.join(Path(c).name for c in emulator)}` (emulated AVX2 CPU)"
-                elif onnx:
-                    missing[name] = (
-                        "qemu-x86_64 not found: install Debian's qemu-user to certify ONNX Runtime's AVX2 path"
-                    )
-                taken[name] = how
+    for name in names:
+        if name == "exact":
+            if onnx:
+                logits["onnxruntime_int8@exact"] = batched(ort_runner(ort_session(str(onnx), 1, ORT_EXACT_U8S8)), x)
+            taken[name] = "ONNX Runtime with session.x64quantprecision=1 (u8u8, no int16 saturation)"
+        elif name == "avx2" and not has_vnni():
+            taken[name] = "this CPU (no VNNI): the native runs above are the AVX2 path"
+        elif name == "avx2":
+            logits["pytorch_int8@avx2"] = logits_in_child("torch", checkpoint, x, ["fbgemm"], env=AVX2_ENV)
+            how = f"PyTorch: fbgemm engine with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}"
+            emulator = avx2_emulator()
+            if onnx and emulator:
+                logits["onnxruntime_int8@avx2"] = logits_in_child("onnx", onnx, x, launcher=emulator)
+                how += f"; ONNX Runtime: under `{' '.join(Path(c).name for c in emulator)}` (emulated AVX2 CPU)"
+            elif onnx:
+                missing[name] = "qemu-x86_64 not found: install Debian's qemu-user to certify ONNX Runtime's AVX2 path"
+            taken[name] = how
     return taken, missing
 
 

@@ -429,3 +429,17 @@ def test_python_runtime_sets_the_session_config_the_export_was_certified_with(ex
     (folder / "manifest.json").write_text(json.dumps(manifest))
     options = EdgeModel(load_manifest(folder)).session.get_session_options()
     assert options.get_session_config_entry("session.x64quantprecision") == "1"
+
+
+def test_cpp_ort_app_sets_the_session_config_the_export_was_certified_with(
+    cpp_apps: Path, export_dir, images, tmp_path
+):
+    """An entry with a visible effect (load the bytes as ORT format, which they are not) proves the C++ app sets
+    the manifest's `target.onnxruntime_config` on its session, as kdq-edge does (the arm target's exact kernels)."""
+    folder = tmp_path / "export"
+    shutil.copytree(export_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["target"]["onnxruntime_config"] = {"session.load_model_format": "ORT"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    r = cpp("kdq-classify-ort", cpp_apps, "--model", folder, images["pnm"][0])
+    assert r.returncode == EXIT_MODEL and "ORT model verification failed" in r.stderr, r.stderr

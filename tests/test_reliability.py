@@ -182,7 +182,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 STAGED = {
     ("export.py", "export_torchscript"),
     ("export.py", "export_onnx"),
-    ("parity.py", "_other_paths"),
+    ("int8run.py", "logits_in_child"),
     ("int8run.py", "main"),
 }
 

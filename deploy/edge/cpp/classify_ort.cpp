@@ -12,6 +12,7 @@ kdq_edge::Runner load(const kdq_edge::Manifest& m, const std::string& artifact, 
   opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);  // as kdq's parity check
   opts.SetIntraOpNumThreads(threads);
   opts.SetInterOpNumThreads(1);
+  for (const auto& [key, value] : m.onnxruntime_config) opts.AddConfigEntry(key.c_str(), value.c_str());
   // From the verified bytes, not the file again.
   auto session = std::make_shared<Ort::Session>(env, artifact.data(), artifact.size(), opts);
   if (session->GetInputCount() != 1 || session->GetOutputCount() != 1)

@@ -300,6 +300,9 @@ struct Manifest {
   double scale = 1.0 / 255;
   std::vector<std::string> classes;
   std::string backend;  // quantization backend (x86, fbgemm, qnnpack) the int8 model was converted for
+  // ONNX Runtime session config entries the export was certified with (target.onnxruntime_config), e.g. the
+  // arm target's exact int8 kernels: a session without them may compute different logits.
+  std::map<std::string, std::string> onnxruntime_config;
   struct Artifact {
     std::string file, sha256;
     long long bytes = -1;
@@ -355,6 +358,8 @@ inline Manifest load_manifest(const std::string& model) {
     if (out_shape.empty() || out_shape.back().num() != double(m.classes.size()))
       throw ModelError(path + ": output shape disagrees with the number of classes");
     if (const Json* q = j.find("quantization"); q && q->find("backend")) m.backend = q->at("backend").str();
+    if (const Json* t = j.find("target"); t && t->find("onnxruntime_config"))
+      for (const auto& kv : t->at("onnxruntime_config").object) m.onnxruntime_config[kv.first] = kv.second.str();
     for (const auto& kv : j.at("artifacts").object) {
       Manifest::Artifact a;
       a.file = kv.second.at("file").str();
