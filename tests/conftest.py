@@ -62,7 +62,7 @@ def same_weights(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
-    """`kdq pipeline --preset smoke` once per session (1-epoch teacher and students); returns RUN."""
+    """`kdq pipeline --preset smoke` once per session (a minute of training on the digits); returns RUN."""
     from click.testing import CliRunner
 
     from kdq.cli import main

@@ -63,7 +63,7 @@ def test_smoke_pipeline_and_evaluate(smoke_run, tmp_path):
     results = json.loads((smoke_run / "evaluation_results.json").read_text())
     assert set(results) >= {"teacher", "baseline", "student"}
     for r in results.values():
-        assert 0 <= r["top1"] <= 1 and r["parameters"] > 0 and r["latency_ms_b1"] > 0
+        assert r["top1"] >= 0.85 and r["parameters"] > 0 and r["latency_ms_b1"] > 0  # chance is 0.10
         assert len(r["confusion_matrix"]) == 10 and sum(map(sum, r["confusion_matrix"])) == 360
     assert (smoke_run / "soft_targets.pt").exists()
     out = tmp_path / "eval.json"

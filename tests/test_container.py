@@ -78,7 +78,7 @@ def trained(image, tmp_path_factory) -> Path:
     folder): a QAT checkpoint that records its float reference, as the export's accuracy gates need."""
     runs = tmp_path_factory.mktemp("container-runs")
     runs.chmod(0o777)  # the container runs as uid 1000
-    for qat in ([], ["--qat"]):
+    for qat in ([], ["--qat", "--init", "runs/smoke/baseline/checkpoint.pt"]):  # --alpha 0: the baseline stage
         podman(
             "run", "--rm", "--network=none", "--cpus=2", "--memory=6g", "-v", f"{runs}:/workspace/runs", image,
             "kdq", "distill", "--preset", "smoke", "--alpha", "0", *qat, "--device", "cpu", "--run-dir", "runs/smoke",
