@@ -27,7 +27,8 @@ GATES = {
     "torchscript_identical": "TorchScript int8 logits equal PyTorch int8 logits bit for bit",
     "ort_top1_agreement_min": "ONNX Runtime int8 top-1 agrees with PyTorch int8 on at least this fraction",
     "ort_confident_margin": "... and on 100% of samples whose top-2 logit margin exceeds this",
-    "ort_mean_abs_logit_max": "mean |ORT int8 - PyTorch int8| logit difference at most this",
+    "ort_mean_abs_logit_rel_max": "mean |ORT int8 - PyTorch int8| logit difference, in units of the standard "
+    "deviation of PyTorch's int8 logits (a model's logit scale varies: KD temperature, training), at most this",
     "ort_accuracy_delta_max": "|ORT int8 accuracy - PyTorch int8 accuracy| at most this",
     "ort_int8_kernels": "every convolution of the model runs as an int8 kernel (QLinearConv) in ONNX Runtime",
     "int8_accuracy_drop_max": "every int8 runtime, on every path, loses at most this accuracy vs the float model",

@@ -111,12 +111,14 @@ def agreement(ref: np.ndarray, other: np.ndarray, margin: float) -> dict:
     confident = (top2[:, 1] - top2[:, 0]) > margin
     same = ref.argmax(1) == other.argmax(1)
     diff = np.abs(ref - other)
+    scale = float(ref.std()) or 1.0
     return {
         "top1_agreement": float(same.mean()),
         "confident_agreement": float(same[confident].mean()) if confident.any() else 1.0,
         "confident_samples": int(confident.sum()),
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
+        "mean_abs_logit_rel": float(diff.mean()) / scale,  # in units of the reference logits' std
         "identical": bool(np.array_equal(ref, other)),
     }
 
@@ -156,8 +158,8 @@ def check_gates(report: dict, gates: dict) -> list[dict]:
             add("ort_top1_agreement", ort["top1_agreement"], t, ort["top1_agreement"] >= t)
         elif gate == "ort_confident_margin":
             add("ort_confident_agreement", ort["confident_agreement"], 1.0, ort["confident_agreement"] == 1.0)
-        elif gate == "ort_mean_abs_logit_max":
-            add("ort_mean_abs_logit_diff", ort["mean_abs_logit_diff"], t, ort["mean_abs_logit_diff"] <= t)
+        elif gate == "ort_mean_abs_logit_rel_max":
+            add("ort_mean_abs_logit_rel", ort["mean_abs_logit_rel"], t, ort["mean_abs_logit_rel"] <= t)
         elif gate == "ort_accuracy_delta_max":
             d = abs(acc["onnxruntime_int8"] - acc[REFERENCE])
             add("ort_accuracy_delta", d, t, d <= t + EPS)
@@ -374,12 +376,12 @@ def format_report(report: dict) -> str:
             drops = np.subtract(per_class[FLOAT], per_class[k])
             worst = f"{classes[int(drops.argmax())]}: {-drops.max():+.1%}"
         lines.append(f"| {k} | {v:.2%} | {worst} |")
-    lines += ["", "| vs PyTorch int8 | top-1 agreement | confident agreement | max abs Δlogit | mean abs Δlogit |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| vs PyTorch int8 | top-1 agreement | confident agreement | max abs Δlogit | mean abs Δlogit "
+              "| mean abs Δlogit / std |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r, a in report["agreement"].items():
         lines.append(
             f"| {r} | {a['top1_agreement']:.2%} | {a['confident_agreement']:.2%} ({a['confident_samples']}) "
-            f"| {a['max_abs_logit_diff']:.4f} | {a['mean_abs_logit_diff']:.4f} |"
+            f"| {a['max_abs_logit_diff']:.4f} | {a['mean_abs_logit_diff']:.4f} | {a['mean_abs_logit_rel']:.4f} |"
         )
     lines += ["", "| runtime | precision | batch | threads | median ms (of rounds) |", "|---|---|---|---|---|"]
     lines += [f"| {r['runtime']} | {r['precision']} | {r['batch']} | {r['threads']} | {r['ms']:.3f} |"

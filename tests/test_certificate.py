@@ -30,7 +30,8 @@ def report(**changes) -> dict:
         "accuracy": {"pytorch_fp32": 0.9, "pytorch_int8": 0.895, "onnxruntime_int8": 0.895},
         "per_class": {"pytorch_fp32": [0.9, 0.9], "pytorch_int8": [0.7, 0.99], "onnxruntime_int8": [0.9, 0.89]},
         "agreement": {"onnxruntime": {"top1_agreement": 1.0, "confident_agreement": 1.0, "mean_abs_logit_diff": 0.0,
-                                      "max_abs_logit_diff": 0.0, "identical": True, "confident_samples": 9}},
+                                      "mean_abs_logit_rel": 0.0, "max_abs_logit_diff": 0.0, "identical": True,
+                                      "confident_samples": 9}},
         "ort_kernels": {"int8": {"QLinearConv": 52}, "model_convs": 52, "float_convs": 0},
         "latency": [],
     }  # fmt: skip
