@@ -88,11 +88,12 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Offline, CPU, under 5 minutes on 2 cores of an AVX2-only CPU: scikit-learn's digits upscaled to 32x32x3.
-    # The teacher is a CIFAR ResNet-56 (125 M MACs; ResNet-18's 556 M took half the budget alone).
+    # The teacher is a CIFAR ResNet-20 (41 M MACs): on the digits it scores what ResNet-56 (125 M) does in
+    # 8 epochs, in a third of the time (ResNet-18's 556 M took half the budget alone).
     "demo": Preset(
         name="demo",
         dataset="digits",
-        teacher="resnet56",
+        teacher="resnet20",
         teacher_optim=Optim(epochs=8, lr=0.1, batch_size=64),
         student_optim=Optim(epochs=6, lr=0.1, batch_size=64),
         quant=Quant(calibration_batches=20, qat_optim=Optim(epochs=2, lr=0.01, batch_size=64, schedule="cosine")),

@@ -16,7 +16,7 @@ from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, has_vnni
 from kdq.data import Normalize
 from kdq.export import export
 from kdq.int8run import ort_session
-from kdq.parity import check_gates
+from kdq.parity import agreement, check_gates
 from kdq.quant import QUANTIZATION, Scheme
 from kdq.recipes import RunOptions, quantize_static
 
@@ -83,6 +83,21 @@ def test_int8_kernel_gate_counts_every_convolution():
 def rows(int8: list[float], fp32: list[float], threads: int = 1) -> list[dict]:
     return [{"runtime": "onnxruntime", "precision": p, "batch": 64, "threads": threads, "rounds_ms": v,
              "ms": float(np.median(v))} for p, v in (("int8", int8), ("fp32", fp32))]  # fmt: skip
+
+
+def test_logit_difference_gate_is_relative_to_the_logit_scale():
+    """The same relative error passes at any logit scale (a KD student's logits are several times larger)."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((100, 10)).astype(np.float32)
+    noise = 0.03 * rng.standard_normal(ref.shape).astype(np.float32)
+    gate = {"ort_mean_abs_logit_rel_max": 0.04}
+    for scale in (1.0, 8.0):
+        agree = agreement(scale * ref, scale * (ref + noise), margin=1.0)
+        assert agree["mean_abs_logit_rel"] == pytest.approx(np.abs(noise).mean() / ref.std(), rel=1e-5)
+        (check,) = check_gates(report(agreement={"onnxruntime": agree}), gate)
+        assert check["passed"], check
+    (check,) = check_gates(report(agreement={"onnxruntime": agreement(ref, ref + 3 * noise, 1.0)}), gate)
+    assert not check["passed"]
 
 
 def test_latency_ratio_compares_rounds_and_thread_counts_pairwise_with_a_margin():
