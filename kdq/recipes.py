@@ -9,6 +9,7 @@ student (distilled or baseline) and evaluation. Each reads and writes a run dire
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from kdq import checkpoint as ck
+from kdq.artifacts import sha256
 from kdq.config import Preset
 from kdq.data import Dataset, Normalize, load_dataset
 from kdq.evaluate import evaluate_model, predict_logits
@@ -78,8 +80,19 @@ def load_teacher(path: Path) -> tuple[torch.nn.Module, dict]:
     return ck.model_from_checkpoint(ckpt, path), ckpt
 
 
+def soft_targets_key(teacher_path: Path, data: Dataset) -> dict:
+    """What soft targets are valid for: this very teacher file and these very training images, in this order.
+
+    A retrained teacher (--overwrite, another --arch or --seed) or other training data gives another key, so
+    stale logits are never reused.
+    """
+    digest = hashlib.sha256(data.train.images.contiguous().numpy().tobytes())
+    digest.update(data.train.labels.numpy().tobytes())
+    return {"teacher_sha256": sha256(Path(teacher_path)), "dataset": data.name, "train_sha256": digest.hexdigest()}
+
+
 def compute_soft_targets(teacher_path: Path, data: Dataset, out: Path, device: str = "auto") -> Path:
-    """The teacher's logits on every (unaugmented) training image, in dataset order."""
+    """The teacher's logits on every (unaugmented) training image, in dataset order, with their key."""
     teacher, ckpt = load_teacher(teacher_path)
     _check_same_data(ckpt, data, teacher_path)
     dev = torch.device(
@@ -87,10 +100,8 @@ def compute_soft_targets(teacher_path: Path, data: Dataset, out: Path, device: s
     )
     teacher = teacher.to(dev, memory_format=torch.channels_last)
     logits = predict_logits(teacher, data.train.images, Normalize(**ckpt[ck.NORMALIZATION], device=dev))
-    save_torch(
-        {"logits": logits, "teacher": str(teacher_path), "dataset": data.name, "normalization": ckpt[ck.NORMALIZATION]},
-        out,
-    )
+    key = soft_targets_key(teacher_path, data)
+    save_torch({"logits": logits, "teacher": str(teacher_path), "normalization": ckpt[ck.NORMALIZATION], **key}, out)
     print(f"[soft-targets] {tuple(logits.shape)} teacher logits -> {out}", file=sys.stderr)
     return Path(out)
 
@@ -130,8 +141,9 @@ def train_student(
         if online:
             distill.teacher, tckpt = load_teacher(teacher_path)
             _check_same_data(tckpt, data, teacher_path)
+            distill.taught_by = {"teacher_sha256": sha256(teacher_path)}
         else:
-            distill.soft_targets = _soft_targets_for(teacher_path, data, run_dir, opts, rt)
+            distill.soft_targets, distill.taught_by = _soft_targets_for(teacher_path, data, run_dir, opts, rt)
     torch.manual_seed(preset.seed)
     kwargs = {"width_mult": preset.student_width, "dropout": preset.student_dropout}
     arch = {"name": preset.student, "num_classes": len(data.classes), "kwargs": kwargs}
@@ -243,24 +255,26 @@ def quantize_static(
     return out
 
 
-def _soft_targets_for(teacher_path: Path, data: Dataset, run_dir: Path, opts: RunOptions, rt: Runtime) -> torch.Tensor:
-    """Reuse RUN/soft_targets.pt when it matches the data, else compute it (rank 0) first."""
-    path = run_dir / SOFT_TARGETS
-    if not path.exists():
-        if rt.is_main:
+def _soft_targets_for(
+    teacher_path: Path, data: Dataset, run_dir: Path, opts: RunOptions, rt: Runtime
+) -> tuple[torch.Tensor, dict]:
+    """RUN/soft_targets.pt and its key, recomputed first (rank 0) unless it was made by this teacher file on
+    this training data."""
+    path, key = run_dir / SOFT_TARGETS, soft_targets_key(teacher_path, data)
+    if rt.is_main:
+        saved = ck.load_weights(path, "soft targets file") if path.exists() else None
+        stale = isinstance(saved, dict) and {k: saved.get(k) for k in key} != key
+        if stale:
+            print(f"[soft-targets] {path} was made by another teacher or on other data: recomputing", file=sys.stderr)
+        if saved is None or stale:
             compute_soft_targets(teacher_path, data, path, opts.device)
-        if rt.world_size > 1:
-            torch.distributed.barrier()
+    if rt.world_size > 1:
+        torch.distributed.barrier()
     saved = ck.load_weights(path, "soft targets file")
     logits = saved.get("logits") if isinstance(saved, dict) else None
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        raise TrainingError(f"{path} is not a soft targets file (no logits); delete it or run `kdq soft-targets`")
-    if saved.get("dataset") != data.name or len(logits) != len(data.train):
-        raise TrainingError(
-            f"{path} holds {len(logits)} logits for {saved.get('dataset')!r}, the training set is "
-            f"{len(data.train)} images of {data.name!r}; delete it or run `kdq soft-targets`"
-        )
-    return logits
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != len(data.train):
+        raise TrainingError(f"{path} is not a soft targets file for this data; delete it or run `kdq soft-targets`")
+    return logits, key
 
 
 def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None = None, latency_runs: int = 50) -> dict:
@@ -278,7 +292,9 @@ def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None =
         metrics = evaluate_model(
             model, data.test, Normalize(**ckpt[ck.NORMALIZATION]), data.classes, latency_runs=latency_runs
         )
-        results[ckpt[ck.STAGE]] = {"checkpoint": str(path), "arch": ckpt[ck.ARCH]["name"], **metrics}
+        taught_by = (ckpt.get(ck.RECIPE) or {}).get("taught_by", {}).get("teacher_sha256")
+        results[ckpt[ck.STAGE]] = {"checkpoint": str(path), "sha256": sha256(Path(path)), "arch": ckpt[ck.ARCH]["name"],
+                                   "taught_by": taught_by, **metrics}  # fmt: skip
     if out is not None:
         save_json(results, out)
     return results

@@ -235,6 +235,10 @@ def models_table(evaluation: dict[str, dict]) -> list[str]:
     header = ["model", "arch", "params", "size MB", "test top-1", "CPU ms (b1)", "img/s (b64)"]
     if ref:
         header += ["× smaller", "× faster (b1)"]
+    taught = any(r.get("taught_by") for r in evaluation.values())
+    if taught:
+        header.append("taught by")
+    by_sha = {r.get("sha256"): stage for stage, r in evaluation.items()}
     rows = []
     for stage, r in evaluation.items():
         row = [
@@ -248,6 +252,9 @@ def models_table(evaluation: dict[str, dict]) -> list[str]:
         ]
         if ref:
             row += [f"{ref['size_bytes'] / r['size_bytes']:.1f}", f"{ref['latency_ms_b1'] / r['latency_ms_b1']:.1f}"]
+        if taught:  # the teacher file whose soft targets it learned from: this run's teacher, or which one
+            sha = r.get("taught_by")
+            row.append("" if not sha else by_sha.get(sha) or f"another teacher ({sha[:12]})")
         rows.append(row)
     return _table(header, rows)
 

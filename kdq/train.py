@@ -11,13 +11,14 @@ up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class Distill:
     temperature: float = 4.0
     teacher: nn.Module | None = None  # online: forward on the same augmented batch, no grad
     soft_targets: torch.Tensor | None = None  # offline: (N_train, C) teacher logits on unaugmented images
+    taught_by: dict | None = None  # the teacher file's sha256 (and the soft targets' data): part of the recipe
 
 
 @dataclass
@@ -232,6 +234,7 @@ def fit(
         "seed": seed,
         "alpha": distill.alpha,
         "temperature": distill.temperature,
+        **({"taught_by": distill.taught_by} if distill.taught_by else {}),  # resuming with another teacher fails
     }
 
     dev = rt.device
@@ -394,10 +397,26 @@ def _test_accuracy(model: nn.Module, data: Dataset, normalize: Normalize, rt: Ru
     was_training = model.training
     model.eval()
     images, labels = data.test.images[rt.rank :: rt.world_size], data.test.labels[rt.rank :: rt.world_size]
-    logits = predict_logits(model, images, normalize)
+    with observers_frozen(model):
+        logits = predict_logits(model, images, normalize)
     correct, total = _all_reduce([(logits.argmax(1) == labels).sum().item(), len(labels)], rt)
     model.train(was_training)
     return correct / total
+
+
+@contextlib.contextmanager
+def observers_frozen(model: nn.Module) -> Iterator[None]:
+    """QAT's FakeQuantize observers update whenever they are enabled, in eval mode too: without this, every
+    evaluation would move the quantization ranges toward the evaluation images. Restores each one's state."""
+    fake_quants = [m for m in model.modules() if hasattr(m, "observer_enabled")]
+    saved = [m.observer_enabled.clone() for m in fake_quants]
+    for m in fake_quants:
+        m.observer_enabled.fill_(0)
+    try:
+        yield
+    finally:
+        for m, enabled in zip(fake_quants, saved, strict=True):
+            m.observer_enabled.copy_(enabled)
 
 
 class _SyncBatchNormFn(torch.autograd.Function):

@@ -97,8 +97,10 @@ def test_models_table_equals_evaluation_results(smoke_run, report):
     rows = table(report[1], "model")
     assert [r[0] for r in rows] == list(evaluation) == ["teacher", "baseline", "student", "student_qat"]
     teacher = evaluation["teacher"]
-    for stage, arch, params, mb, top1, ms, img_s, smaller, faster in rows:
+    for stage, arch, params, mb, top1, ms, img_s, smaller, faster, taught_by in rows:
         r = evaluation[stage]
+        # the KD students learned from this run's teacher file (its sha256), the others from none
+        assert taught_by == ("teacher" if stage in ("student", "student_qat") else "")
         assert arch == r["arch"] and num(params) == r["parameters"]
         assert shown(mb, r["size_bytes"] / 1e6) and shown(top1, r["top1"])
         assert shown(ms, r["latency_ms_b1"]) and shown(img_s, r["throughput_img_s_b64"])
