@@ -33,6 +33,7 @@ from kdq.int8run import logits_in_child
 from kdq.int8run import ort_session as session
 from kdq.quant import Scheme, float_reference, int8_model
 from kdq.recipes import SOFT_TARGETS, RunOptions, quantize_static, train_student
+from kdq.train import CHECKPOINT
 
 SCHEMES = {"a8w8": Scheme(8, 8), "a7w8": Scheme(7, 8), "a8w7": Scheme(8, 7)}
 
@@ -92,7 +93,9 @@ def quantized(student: Path, preset: Preset, scheme: Scheme, mode: str, tmp: Pat
         return quantize_static(student, tmp / f"{stage}.ckpt", opts, batches=preset.quant.calibration_batches,
                                scheme=scheme)  # fmt: skip
     quant = with_overrides(preset.quant, activation_bits=scheme.activation_bits, weight_bits=scheme.weight_bits)
-    return train_student(with_overrides(preset, quant=quant), tmp, opts, stage=stage, qat=True, init=student)
+    teacher = student.parent.parent / "teacher" / CHECKPOINT  # RUN's teacher: the soft targets are its logits
+    return train_student(with_overrides(preset, quant=quant), tmp, opts, stage=stage, qat=True, init=student,
+                         teacher_path=teacher)  # fmt: skip
 
 
 def ort_logits(onnx: Path, x: np.ndarray, config: dict | None = None) -> np.ndarray:

@@ -260,6 +260,10 @@ def _soft_targets_for(
 ) -> tuple[torch.Tensor, dict]:
     """RUN/soft_targets.pt and its key, recomputed first (rank 0) unless it was made by this teacher file on
     this training data."""
+    if not Path(teacher_path).is_file():  # the soft targets are only valid with the teacher that made them
+        raise ck.CheckpointError(
+            f"teacher checkpoint {teacher_path} not found; run `kdq teacher` first or pass --teacher"
+        )
     path, key = run_dir / SOFT_TARGETS, soft_targets_key(teacher_path, data)
     if rt.is_main:
         saved = ck.load_weights(path, "soft targets file") if path.exists() else None

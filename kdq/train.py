@@ -282,10 +282,10 @@ def fit(
         if rt.is_main:
             print(f"[{stage}] resuming {ckpt_path} after epoch {saved[ck.EPOCH]}", file=sys.stderr)
 
+    if rt.world_size > 1:
+        model = sync_batchnorm(model, dev)  # BN statistics over the global batch, as one process computes them
     raw_model = model
     if rt.world_size > 1:
-        if dev.type == "cpu":
-            sync_batchnorm_cpu(model)  # BN statistics over the global batch, as one process computes them
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     step_model = torch.compile(model) if compile else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -474,6 +474,17 @@ class _CpuSyncBatchNorm(nn.BatchNorm2d):
                 self.running_mean.lerp_(mean, m)
                 self.running_var.lerp_(var, m)
         return y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` normalizes over the batch of all ranks: without it, `-j 2x4` on GPUs normalizes
+    over each GPU's slice (16 images of a 128 batch), a different model from the one-process one. nn.SyncBatchNorm
+    on CUDA (it has no CPU kernel; the same parameter objects, so the optimizer is unchanged), kdq's all-reduce on
+    CPU. Also inside QAT's fused conv-bn modules, whose `bn` is a BatchNorm2d child."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sync_batchnorm_cpu(model)
+    return model
 
 
 def sync_batchnorm_cpu(model: nn.Module) -> None:

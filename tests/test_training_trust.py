@@ -1,7 +1,8 @@
-"""Numbers a reviewer can trust: soft targets belong to the teacher that made them."""
+"""Numbers a reviewer can trust: soft targets of the right teacher, QAT ranges untouched by evaluation, BN synced."""
 
 import shutil
 
+import pytest
 import torch
 
 from kdq import checkpoint as ck
@@ -46,3 +47,25 @@ def test_evaluating_a_qat_model_leaves_its_quantization_ranges_alone(tiny):
     after = model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert changed == [] and model.training
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_data_parallel_batchnorm_is_synchronized_on_gpus_too(qat):
+    """Under DDP every BatchNorm must see the global batch: nn.SyncBatchNorm on CUDA (the conversion itself needs
+    no GPU), kdq's all-reduce BN on CPU; parameters and state_dict keys stay those of the plain model."""
+    from torch import nn
+
+    from kdq.models import build_model
+    from kdq.quant import get_flow
+    from kdq.train import _CpuSyncBatchNorm, sync_batchnorm
+
+    def model():
+        torch.manual_seed(0)
+        m = build_model("mobilenet_v2", 10, width_mult=0.35)
+        return get_flow("eager").prepare(m, "x86", qat=True) if qat else m
+
+    for device, kind in (("cuda", nn.SyncBatchNorm), ("cpu", _CpuSyncBatchNorm)):
+        plain, synced = model(), sync_batchnorm(model(), torch.device(device))
+        bns = [m for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(isinstance(m, kind) for m in bns), device
+        assert list(synced.state_dict()) == list(plain.state_dict())
