@@ -27,6 +27,8 @@ PRESET = "preset"  # the recipe, as a dict
 STAGE = "stage"  # "teacher", "baseline", "student", ...
 HISTORY = "history"
 DONE = "done"  # training finished (all epochs, or early stopping)
+BEST = "best"  # while training: {"epoch", "model"} of the best validation epoch so far
+SELECTED_EPOCH = "selected_epoch"  # when done: the epoch whose weights `model` holds (best validation accuracy)
 RECIPE = "recipe"  # what a resumed run must not change: arch, optim, augment, seed, KD weights
 
 REQUIRED = (ARCH, MODEL, NORMALIZATION, CLASSES, STAGE)

@@ -62,15 +62,25 @@ def run_options(f):
         click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint instead of failing."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (mostly useful on GPUs)."),
         click.option("--seed", type=int, default=None, help="Random seed  [default: the preset's]"),
+        click.option(
+            "--val-fraction",
+            type=float,
+            default=None,
+            help="Fraction of each class of the training data held out (by --seed) for early stopping, "
+            "choosing the best epoch and the per-epoch numbers; the test split is kept for the final evaluation. "
+            "0 trains on everything, with no early stopping and the last epoch kept  [default: the preset's, 0.1]",
+        ),
     ]
     for d in reversed(decorators):
         f = d(f)
 
     @functools.wraps(f)
-    def wrapper(preset, run_dir, data_dir, dataset, download, device, resume, overwrite, compile_, seed, **kwargs):
+    def wrapper(
+        preset, run_dir, data_dir, dataset, download, device, resume, overwrite, compile_, seed, val_fraction, **kwargs
+    ):
         from kdq.recipes import RunOptions
 
-        p = with_overrides(get_preset(preset), seed=seed, dataset=dataset)
+        p = with_overrides(get_preset(preset), seed=seed, dataset=dataset, val_fraction=val_fraction)
         opts = RunOptions(data_dir, download, device, resume, overwrite, compile_)
         return f(p, Path(run_dir or Path("runs") / p.name), opts, **kwargs)
 

@@ -30,7 +30,7 @@ class Optim:
     momentum: float = 0.9
     schedule: str = "onecycle"  # "onecycle" or "cosine"
     label_smoothing: float = 0.0
-    patience: int = 0  # early stopping: epochs without a better test accuracy; 0 = off
+    patience: int = 0  # early stopping: epochs without a better validation accuracy; 0 = off
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class Preset:
     temperature: float = 4.0  # Hinton et al.: softened teacher distribution
     alpha: float = 0.7  # weight of the soft (teacher) term; 0 = plain supervised baseline
     seed: int = 0
+    # Held out of the training split (stratified, by `seed`) for early stopping, best-epoch selection and every
+    # per-epoch number; the test split is read only by the final evaluation, the certificate and the report.
+    val_fraction: float = 0.1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,6 +6,7 @@ plus class names. Training moves the tensors to the device once; no DataLoader o
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,11 +44,40 @@ class Dataset:
     train: Split
     test: Split
     classes: list[str]
+    val: Split | None = None  # carved out of the training data by `split_validation`
 
     def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images in [0, 1] (stored with every checkpoint)."""
         x = self.train.images.float().div_(255)
         return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+def split_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """Hold out `fraction` of each class of the training split as the validation split (fixed `seed`).
+
+    Stratified, so that a small dataset keeps every class in both parts; the test split is untouched.
+    `fraction` 0 returns `data` as it is (no validation split).
+    """
+    if not 0 <= fraction < 1:
+        raise DataError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return data
+    gen = torch.Generator().manual_seed(seed)
+    val_idx = []
+    for c in range(len(data.classes)):
+        members = torch.nonzero(data.train.labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        val_idx.append(members[: round(fraction * len(members))])
+    held_out = torch.zeros(len(data.train), dtype=torch.bool)
+    held_out[torch.cat(val_idx)] = True
+    if held_out.all() or not held_out.any():
+        raise DataError(f"--val-fraction {fraction} leaves no training or no validation images")
+    keep = ~held_out
+
+    def part(mask: torch.Tensor) -> Split:
+        return Split(data.train.images[mask], data.train.labels[mask])
+
+    return dataclasses.replace(data, train=part(keep), val=part(held_out))
 
 
 def load_dataset(name: str, root: Path | str = "data", download: bool = False) -> Dataset:

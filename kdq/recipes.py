@@ -20,7 +20,7 @@ from tqdm import tqdm
 from kdq import checkpoint as ck
 from kdq.artifacts import sha256
 from kdq.config import Preset
-from kdq.data import Dataset, Normalize, load_dataset
+from kdq.data import Dataset, Normalize, load_dataset, split_validation
 from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import check_writable, save_json, save_torch
 from kdq.models import build_model
@@ -44,7 +44,9 @@ class RunOptions:
 
 
 def load_data(preset: Preset, opts: RunOptions) -> Dataset:
-    return load_dataset(preset.dataset, opts.data_dir, download=opts.download)
+    """The preset's dataset with its validation split carved out: every training stage sees the same three splits."""
+    data = load_dataset(preset.dataset, opts.data_dir, download=opts.download)
+    return split_validation(data, preset.val_fraction, preset.seed)
 
 
 def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions, pretrained: bool = False) -> Path:

@@ -103,14 +103,15 @@ def load_run(run_dir: Path) -> Run:
 
 
 def plot_training_curves(histories: dict[str, list[dict]]) -> Figure:
-    """Per epoch: training loss, and test (solid) / training (dashed) accuracy, one colour per stage."""
+    """Per epoch: training loss, and validation (solid) / training (dashed) accuracy, one colour per stage."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     for stage, hist in histories.items():
         epochs = [h["epoch"] for h in hist]
         color = COLORS.get(stage)
         loss_ax.plot(epochs, [h["train_loss"] for h in hist], marker="o", ms=3, color=color, label=stage)
-        acc_ax.plot(epochs, [h["test_acc"] for h in hist], marker="o", ms=3, color=color, label=f"{stage} test")
+        if all("val_acc" in h for h in hist):  # none with --val-fraction 0
+            acc_ax.plot(epochs, [h["val_acc"] for h in hist], marker="o", ms=3, color=color, label=f"{stage} val")
         acc_ax.plot(epochs, [h["train_acc"] for h in hist], ls="--", color=color, alpha=0.6, label=f"{stage} train")
     loss_ax.set(title="training loss (KD stages: soft + hard)", xlabel="epoch", ylabel="loss")
     acc_ax.set(title="accuracy", xlabel="epoch", ylabel="top-1", ylim=(0, 1.02))
@@ -260,18 +261,21 @@ def models_table(evaluation: dict[str, dict]) -> list[str]:
 
 
 def training_table(histories: dict[str, list[dict]]) -> list[str]:
+    """Per stage: the last epoch's training numbers and the epoch kept (best validation accuracy; with
+    --val-fraction 0, the last one)."""
     rows = []
     for stage, hist in histories.items():
         last = hist[-1]
-        best = max(hist, key=lambda h: h["test_acc"])
+        validated = all("val_acc" in h for h in hist)
+        kept = max(hist, key=lambda h: h["val_acc"]) if validated else last  # the first of equals, as training
         rows.append(
             [
                 stage,
                 str(last["epoch"]),
                 f"{last['train_loss']:.4f}",
                 _pct(last["train_acc"]),
-                _pct(last["test_acc"]),
-                f"{_pct(best['test_acc'])} ({best['epoch']})",
+                _pct(last["val_acc"]) if validated else "—",
+                f"{kept['epoch']}" + (f" ({_pct(kept['val_acc'])})" if validated else " (last)"),
                 f"{sum(h['epoch_seconds'] for h in hist):.1f}",
                 f"{last['images_per_second']:.0f}",
             ]
@@ -281,8 +285,8 @@ def training_table(histories: dict[str, list[dict]]) -> list[str]:
         "epochs",
         "final train loss",
         "final train acc",
-        "final test acc",
-        "best test acc (epoch)",
+        "final val acc",
+        "epoch kept (val acc)",
         "train s",
         "img/s (last epoch)",
     ]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from kdq import checkpoint as ck
 from kdq.config import CHECKPOINT, Augment, Optim
-from kdq.data import Dataset, Normalize, augment, shuffled_batches
+from kdq.data import Dataset, Normalize, Split, augment, shuffled_batches
 from kdq.errors import KdqError
 from kdq.evaluate import predict_logits
 from kdq.files import check_writable, remove_stale_temps, save_json
@@ -234,6 +234,7 @@ def fit(
         "seed": seed,
         "alpha": distill.alpha,
         "temperature": distill.temperature,
+        "val_images": len(data.val) if data.val is not None else 0,  # the split is part of what a resume continues
         **({"taught_by": distill.taught_by} if distill.taught_by else {}),  # resuming with another teacher fails
     }
 
@@ -278,7 +279,7 @@ def fit(
         torch.set_rng_state(saved[ck.RNG]["torch"])
         if dev.type == "cuda" and "cuda" in saved[ck.RNG]:
             torch.cuda.set_rng_state(saved[ck.RNG]["cuda"], dev)
-        ckpt.update({k: saved[k] for k in (ck.EPOCH, ck.HISTORY, ck.DONE)})
+        ckpt.update({k: saved[k] for k in (ck.EPOCH, ck.HISTORY, ck.DONE, ck.BEST, ck.SELECTED_EPOCH) if k in saved})
         if rt.is_main:
             print(f"[{stage}] resuming {ckpt_path} after epoch {saved[ck.EPOCH]}", file=sys.stderr)
 
@@ -291,8 +292,9 @@ def fit(
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     history: list[dict] = ckpt[ck.HISTORY]
-    best = max((h["test_acc"] for h in history), default=-1.0)
-    stale = 0 if not history else len(history) - 1 - max(range(len(history)), key=lambda i: history[i]["test_acc"])
+    validated = data.val is not None  # without a validation split: no early stopping, the last epoch is kept
+    best_epoch = max(history, key=lambda h: h["val_acc"])["epoch"] if validated and history else 0
+    stale = len(history) - best_epoch
     for epoch in range(ckpt[ck.EPOCH], optim.epochs):
         if ckpt[ck.DONE]:
             break
@@ -345,7 +347,6 @@ def fit(
             bar.set_postfix(loss=f"{loss.item():.3f}")
         loss_sum, soft_sum, hard_sum, correct, seen = _all_reduce([loss_sum, soft_sum, hard_sum, correct, seen], rt)
         seconds = time.perf_counter() - t0
-        test_acc = _test_accuracy(raw_model, data, normalize, rt)
         record = {
             "epoch": epoch + 1,
             "lr": scheduler.get_last_lr()[0],
@@ -353,15 +354,19 @@ def fit(
             "train_soft_loss": soft_sum / seen,
             "train_hard_loss": hard_sum / seen,
             "train_acc": correct / seen,
-            "test_acc": test_acc,
+            **({"val_acc": _accuracy(raw_model, data.val, normalize, rt)} if validated else {}),
             "epoch_seconds": seconds,
             "images_per_second": seen / seconds,
         }
         _check_finite(raw_model, stage, epoch + 1, ckpt_path)
         history.append(record)
-        stale = 0 if test_acc > best else stale + 1
-        best = max(best, test_acc)
-        done = epoch + 1 == optim.epochs or (optim.patience > 0 and stale >= optim.patience)
+        improved = validated and (not best_epoch or record["val_acc"] > history[best_epoch - 1]["val_acc"])
+        if improved:
+            best_epoch, stale = epoch + 1, 0
+            ckpt[ck.BEST] = {"epoch": best_epoch, "model": _cpu_copy(raw_model.state_dict())}
+        else:
+            stale += 1
+        done = epoch + 1 == optim.epochs or (validated and optim.patience > 0 and stale >= optim.patience)
         ckpt.update(
             {
                 ck.MODEL: raw_model.state_dict(),
@@ -376,27 +381,37 @@ def fit(
                 },
             }
         )
+        if done and validated:  # the weights of the best validation epoch are the stage's model
+            best = ckpt.pop(ck.BEST)
+            ckpt[ck.MODEL], ckpt[ck.SELECTED_EPOCH] = best["model"], best["epoch"]
         if rt.is_main:
             ck.save_checkpoint(ckpt, ckpt_path)
             save_json(history, out_dir / HISTORY_JSON)
+            val = f" val {record['val_acc']:.2%}" if validated else ""
             print(
                 f"[{stage}] epoch {epoch + 1}/{optim.epochs} loss {record['train_loss']:.4f} "
-                f"train {record['train_acc']:.2%} test {test_acc:.2%} ({seconds:.1f}s, "
-                f"{record['images_per_second']:.0f} img/s)",
+                f"train {record['train_acc']:.2%}{val} ({seconds:.1f}s, {record['images_per_second']:.0f} img/s)",
                 file=sys.stderr,
             )
-        if done and epoch + 1 < optim.epochs and rt.is_main:
-            print(f"[{stage}] early stop: no better test accuracy for {stale} epochs", file=sys.stderr)
+            if done and epoch + 1 < optim.epochs:
+                print(f"[{stage}] early stop: no better validation accuracy for {stale} epochs", file=sys.stderr)
+            if done and validated:
+                kept = history[best_epoch - 1]["val_acc"]
+                print(f"[{stage}] keeping epoch {best_epoch} (best validation accuracy, {kept:.2%})", file=sys.stderr)
     if ck.MODEL not in ckpt:  # resumed a finished run
         ckpt = ck.load_checkpoint(ckpt_path)
     return ckpt
 
 
-def _test_accuracy(model: nn.Module, data: Dataset, normalize: Normalize, rt: Runtime) -> float:
-    """Top-1 on the test split; each rank scores its shard and the counts are summed."""
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _accuracy(model: nn.Module, split: Split, normalize: Normalize, rt: Runtime) -> float:
+    """Top-1 on `split` (the validation split in training); each rank scores its shard and the counts are summed."""
     was_training = model.training
     model.eval()
-    images, labels = data.test.images[rt.rank :: rt.world_size], data.test.labels[rt.rank :: rt.world_size]
+    images, labels = split.images[rt.rank :: rt.world_size], split.labels[rt.rank :: rt.world_size]
     with observers_frozen(model):
         logits = predict_logits(model, images, normalize)
     correct, total = _all_reduce([(logits.argmax(1) == labels).sum().item(), len(labels)], rt)

@@ -19,11 +19,15 @@ from PIL import Image
 
 from kdq import checkpoint as ck
 from kdq.cli import main
+from kdq.config import get_preset
+from kdq.data import load_digits, split_validation
 from kdq.models import build_model
 from kdq.parity import main as parity_main
 
 SMOKE = ["--preset", "smoke", "--width", "0.35", "--device", "cpu"]  # a student command
 SMOKE_T = ["--preset", "smoke", "--device", "cpu"]  # a teacher command
+# The smoke preset trains on the digits' training split less its validation tenth.
+N_TRAIN = len(split_validation(load_digits(), get_preset("smoke").val_fraction, get_preset("smoke").seed).train)
 
 
 def invoke(*args, command=main):
@@ -239,8 +243,9 @@ def test_distill_with_a_missing_teacher(tmp_path):
         (["--temperature", "-2"], "temperature must be > 0, got -2.0"),
         (["--epochs", "0", "--alpha", "0"], "epochs must be > 0, got 0"),
         (["--epochs", "-1", "--alpha", "0"], "epochs must be > 0, got -1"),
-        (["--batch-size", "5000", "--alpha", "0"], "batch size 5000 must be in 1..1437 (the training set size)"),
-        (["--batch-size", "0", "--alpha", "0"], "batch size 0 must be in 1..1437 (the training set size)"),
+        (["--batch-size", "5000", "--alpha", "0"], f"batch size 5000 must be in 1..{N_TRAIN} (the training set size)"),
+        (["--batch-size", "0", "--alpha", "0"], f"batch size 0 must be in 1..{N_TRAIN} (the training set size)"),
+        (["--val-fraction", "1", "--alpha", "0"], "--val-fraction must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_settings(tmp_path, args, message):

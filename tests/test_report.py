@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from kdq import checkpoint as ck
 from kdq.cli import main
 from kdq.report import PLOTS, load_run, plot_confusion, plot_tradeoff, plot_training_curves, write_report
 
@@ -111,13 +112,15 @@ def test_models_table_equals_evaluation_results(smoke_run, report):
 def test_training_table_equals_histories(smoke_run, report):
     rows = table(report[1], "stage")
     assert [r[0] for r in rows] == ["teacher", "baseline", "student", "student_qat"]
-    for stage, epochs, loss, train_acc, test_acc, best, seconds, img_s in rows:
+    for stage, epochs, loss, train_acc, val_acc, kept, seconds, img_s in rows:
         hist = json.loads((smoke_run / stage / "history.json").read_text())
-        top = max(hist, key=lambda h: h["test_acc"])
+        top = max(hist, key=lambda h: h["val_acc"])
         assert int(epochs) == len(hist) == hist[-1]["epoch"]
         assert shown(loss, hist[-1]["train_loss"]) and shown(train_acc, hist[-1]["train_acc"])
-        assert shown(test_acc, hist[-1]["test_acc"]) and shown(best, top["test_acc"])
-        assert best.endswith(f"({top['epoch']})")
+        assert shown(val_acc, hist[-1]["val_acc"])
+        assert kept.startswith(f"{top['epoch']} (") and shown(kept.split("(")[1].rstrip(")"), top["val_acc"])
+        # the epoch the table says was kept is the one the checkpoint holds
+        assert ck.load_checkpoint(smoke_run / stage / "checkpoint.pt")[ck.SELECTED_EPOCH] == top["epoch"]
         assert shown(seconds, sum(h["epoch_seconds"] for h in hist))
         assert shown(img_s, hist[-1]["images_per_second"])
 
@@ -181,7 +184,7 @@ def history(epochs: int, start: float) -> list[dict]:
             "train_soft_loss": 0.0,
             "train_hard_loss": 2.0 / e,
             "train_acc": start + 0.1 * e,
-            "test_acc": start + 0.08 * e,
+            "val_acc": start + 0.08 * e,
             "epoch_seconds": 1.5,
             "images_per_second": 900.0,
         }
@@ -196,7 +199,7 @@ def test_plots_draw_exactly_the_json_values():
     lines = {line.get_label(): list(line.get_ydata()) for line in loss_ax.lines + acc_ax.lines}
     for stage, hist in histories.items():
         assert lines[stage] == [h["train_loss"] for h in hist]
-        assert lines[f"{stage} test"] == [h["test_acc"] for h in hist]
+        assert lines[f"{stage} val"] == [h["val_acc"] for h in hist]
         assert lines[f"{stage} train"] == [h["train_acc"] for h in hist]
 
     matrix = [[5, 1], [2, 7]]

@@ -1,5 +1,6 @@
 """Numbers a reviewer can trust: soft targets of the right teacher, QAT ranges untouched by evaluation, BN synced."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from kdq import checkpoint as ck
 from kdq.artifacts import sha256
+from kdq.data import Split, split_validation
 from kdq.recipes import SOFT_TARGETS, RunOptions, _soft_targets_for
 from kdq.train import Runtime
 
@@ -36,14 +38,14 @@ def test_evaluating_a_qat_model_leaves_its_quantization_ranges_alone(tiny):
     from kdq.data import Normalize
     from kdq.models import build_model
     from kdq.quant import get_flow
-    from kdq.train import _test_accuracy
+    from kdq.train import _accuracy
 
     torch.manual_seed(0)
     model = get_flow("eager").prepare(build_model("mobilenet_v2", 10, width_mult=0.35), "x86", qat=True)
     with torch.no_grad():  # ranges from a few training images, as after some QAT steps
         model(Normalize(*tiny.normalization())(tiny.train.images[:32]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _test_accuracy(model, tiny, Normalize(*tiny.normalization()), Runtime(torch.device("cpu")))
+    _accuracy(model, tiny.test, Normalize(*tiny.normalization()), Runtime(torch.device("cpu")))
     after = model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert changed == [] and model.training
@@ -69,3 +71,67 @@ def test_data_parallel_batchnorm_is_synchronized_on_gpus_too(qat):
         bns = [m for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert bns and all(isinstance(m, kind) for m in bns), device
         assert list(synced.state_dict()) == list(plain.state_dict())
+
+
+# --- a validation split: model selection never sees the test split ---------------------------------------------
+
+
+class _Untouchable(Split):
+    """A test split that fails the test when training reads it."""
+
+    def __getattribute__(self, name):
+        if name in ("images", "labels"):
+            raise AssertionError("training read the test split")
+        return super().__getattribute__(name)
+
+
+def test_validation_split_is_stratified_disjoint_and_fixed_by_the_seed(digits):
+    data = split_validation(digits, 0.1, seed=0)
+    assert len(data.train) + len(data.val) == len(digits.train) and data.test is digits.test
+    per_class = torch.bincount(data.val.labels, minlength=10)
+    assert per_class.tolist() == [round(0.1 * n) for n in torch.bincount(digits.train.labels, minlength=10).tolist()]
+    rows = lambda s: {bytes(x.numpy()) for x in s.images.flatten(1)}  # noqa: E731
+    assert not rows(data.train) & rows(data.val)  # no image in both
+    again, other = split_validation(digits, 0.1, seed=0), split_validation(digits, 0.1, seed=1)
+    assert torch.equal(again.val.images, data.val.images) and not torch.equal(other.val.images, data.val.images)
+    assert split_validation(digits, 0.0, seed=0) is digits
+
+
+def _fit(data, out, epochs, patience=0):
+    from kdq.config import Augment, Optim, get_preset
+    from kdq.models import build_model
+    from kdq.train import fit
+
+    torch.manual_seed(0)
+    arch = {"name": "mobilenet_v2", "num_classes": 10, "kwargs": {"width_mult": 0.35}}
+    fit(build_model("mobilenet_v2", 10, width_mult=0.35), arch, data, Optim(epochs=epochs, lr=0.2, batch_size=32,
+        patience=patience), Augment(crop_padding=2, flip=False), out, stage="student",
+        preset=get_preset("demo").to_dict(), rt=Runtime(torch.device("cpu")))  # fmt: skip
+    return ck.load_checkpoint(out / "checkpoint.pt")
+
+
+def test_training_selects_and_stops_on_validation_and_never_reads_the_test_split(tiny, tmp_path):
+    from kdq.data import Normalize
+    from kdq.train import _accuracy
+
+    untouchable = _Untouchable(tiny.test.images, tiny.test.labels)
+    data = dataclasses.replace(split_validation(tiny, 0.25, seed=0), test=untouchable)
+    saved = _fit(data, tmp_path / "a", epochs=5)
+    history = saved[ck.HISTORY]
+    assert all("val_acc" in h and "test_acc" not in h for h in history)
+    best = max(history, key=lambda h: h["val_acc"])  # the first of equals
+    assert saved[ck.SELECTED_EPOCH] == best["epoch"] and ck.BEST not in saved
+    model = ck.model_from_checkpoint(saved)  # holds the best epoch's weights, not the last one's
+    normalize = Normalize(**saved[ck.NORMALIZATION])
+    assert _accuracy(model, data.val, normalize, Runtime(torch.device("cpu"))) == best["val_acc"]
+
+    stopped = _fit(data, tmp_path / "b", epochs=5, patience=1)[ck.HISTORY]
+    first_worse = next(i for i in range(1, 5) if stopped[i]["val_acc"] <= max(h["val_acc"] for h in stopped[:i]))
+    assert len(stopped) == first_worse + 1  # early stopping watches the validation accuracy
+
+
+def test_val_fraction_zero_trains_on_everything_without_early_stopping(tiny, tmp_path):
+    data = dataclasses.replace(tiny, test=_Untouchable(tiny.test.images, tiny.test.labels))
+    saved = _fit(data, tmp_path, epochs=3, patience=1)
+    assert [set(h) & {"val_acc", "test_acc"} for h in saved[ck.HISTORY]] == [set()] * 3  # all 3 epochs, none scored
+    assert ck.SELECTED_EPOCH not in saved
