@@ -27,6 +27,7 @@ from torchx.components import dist
 
 DEFAULT_IMAGE = "localhost/kdq:latest"  # what `make image` builds; push it to your registry for clusters
 QAT_STAGE = "student_qat"  # where `kdq distill --qat` writes
+STAGES = ("teacher", "baseline", "student", QAT_STAGE)  # the trained stages of `kdq pipeline` (kdq/pipeline.py)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -304,18 +305,20 @@ def pipeline(
     data_dir: Optional[str] = None,
     teacher_epochs: Optional[int] = None,
     epochs: Optional[int] = None,
+    qat_epochs: Optional[int] = None,
     batch_size: Optional[int] = None,
-    qat: bool = True,
     target: str = "x86",
+    backend: Optional[str] = None,
     device: Optional[str] = None,
     resume: bool = True,
 ) -> specs.AppDef:
     """
-    One job: teacher -> soft targets -> distill (QAT + KD) -> export. Training steps use every process;
-    soft targets and export run once, on the first node. With resume (default), a retried job skips finished work.
+    One job, the stages of `kdq pipeline`: teacher -> soft targets -> baseline -> KD student -> QAT-KD student
+    (from the KD student) -> evaluation -> certified export -> report. Training steps use every process; the
+    others run once, on the first node. With resume (default), a retried job skips finished work.
 
     Args:
-        kdq_args: extra options for `kdq distill`, passed through verbatim (after --)
+        kdq_args: extra options for the student trainings (baseline, student, QAT), passed verbatim (after --)
         image: container image (local_docker, kubernetes); local_cwd and slurm run in the current directory
         j: {nnodes}x{nproc_per_node}, e.g. 1x1, 1x2, 2x1; more than one process runs torchrun (c10d rendezvous)
         cpu: CPUs per node
@@ -331,23 +334,40 @@ def pipeline(
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
         teacher_epochs: teacher epochs (None: the preset's)
-        epochs: student epochs (None: the preset's)
-        batch_size: global batch size of both trainings (None: the preset's)
-        qat: quantization-aware training + KD; False distils a float student
+        epochs: baseline and student epochs (None: the preset's)
+        qat_epochs: QAT epochs (None: the preset's)
+        batch_size: global batch size of every training (None: the preset's)
         target: export target (export/TARGET.toml), e.g. x86, arm
+        backend: int8 kernels QAT trains for (None: qnnpack for the arm target, else x86)
         device: auto, cpu, cuda (None: auto)
         resume: skip or continue finished stages (a retried job picks up where it stopped)
     """
     run = _flags(preset=preset, run_dir=run_dir, data_dir=data_dir)
     common = _flags(batch_size=batch_size, device=device, resume=resume)
     root = run_dir or f"runs/{preset}"
-    student = f"{root}/{QAT_STAGE if qat else 'student'}/{CHECKPOINT}"
+    backend = backend or ("qnnpack" if target == "arm" else "x86")
+    checkpoints = [f"{root}/{stage}/{CHECKPOINT}" for stage in STAGES]
     steps = [
         _Step(["teacher", *run, *_flags(epochs=teacher_epochs), *common]),
-        # `kdq soft-targets` refuses to overwrite: a resumed job skips it when the file is there.
+        # `kdq soft-targets` refuses to overwrite: a resumed job skips it when the file is there (a stale one,
+        # made by another teacher, is recomputed by the student training itself).
         _Step(["soft-targets", *run, *_flags(device=device)], False, True, unless_exists=f"{root}/soft_targets.pt"),
-        _Step(["distill", *run, *_flags(qat=qat, epochs=epochs), *common, *kdq_args]),
-        # The student may have been (re)trained in this job: always export afresh.
-        _Step(["export", student, *_flags(target=target, data_dir=data_dir, overwrite=True)], False, True),
+        _Step(["baseline", *run, *_flags(epochs=epochs), *common, *kdq_args]),
+        _Step(["distill", *run, *_flags(epochs=epochs), *common, *kdq_args]),
+        _Step(
+            [
+                "distill",
+                *run,
+                *_flags(qat=True, init=checkpoints[2], backend=backend, epochs=qat_epochs),
+                *common,
+                *kdq_args,
+            ]
+        ),  # fmt: skip
+        # The students may have been (re)trained in this job: evaluate and export afresh.
+        _Step(
+            ["evaluate", *checkpoints, *_flags(data_dir=data_dir, out=f"{root}/evaluation_results.json")], False, True
+        ),  # fmt: skip
+        _Step(["export", checkpoints[3], *_flags(target=target, data_dir=data_dir, overwrite=True)], False, True),
+        _Step(["report", root], False, True),
     ]
     return _app("pipeline", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)

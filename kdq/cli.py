@@ -189,6 +189,13 @@ def _student_options(f):
                 default=None,
                 help="With --qat: float checkpoint to fine-tune  [default: RUN/student/checkpoint.pt if it exists]",
             ),
+            click.option(
+                "--backend",
+                type=click.Choice(BACKENDS),
+                default=None,
+                help="With --qat: int8 kernels to train for, x86 or qnnpack (ARM; export with --target arm)  "
+                "[default: the preset's, x86]",
+            ),
         ]
     ):
         f = d(f)
@@ -211,15 +218,18 @@ def _train_student(
     stage,
     qat,
     init,
+    backend,
 ) -> None:
     from kdq import recipes
     from kdq.losses import KDLoss
 
     changes = dict(epochs=epochs, lr=lr, batch_size=batch_size)
     preset = with_overrides(preset, alpha=alpha, temperature=temperature, student_dropout=dropout, student_width=width)
+    if backend and not qat:
+        raise KdqError("--backend applies to --qat training only (a float student has no int8 kernels)")
     if qat:
         qat_optim = with_overrides(preset.quant.qat_optim, **changes)
-        preset = with_overrides(preset, quant=with_overrides(preset.quant, qat_optim=qat_optim))
+        preset = with_overrides(preset, quant=with_overrides(preset.quant, qat_optim=qat_optim, backend=backend))
         default_init = run_dir / "student" / CHECKPOINT
         init = init or (default_init if default_init.exists() else None)
     else:

@@ -18,6 +18,8 @@ from kdq.parity import format_report
 from kdq.report import write_report
 
 TARGET_FOR_BACKEND = {"x86": "x86", "qnnpack": "arm"}
+# The trained stages of a run, in order (RUN/<stage>/checkpoint.pt); components.py's pipeline job trains the same.
+STAGES = ("teacher", "baseline", "student", "student_qat")
 
 
 def run_pipeline(
@@ -27,9 +29,14 @@ def run_pipeline(
     export_latency_runs: int | None = None,
     target: str | None = None,
 ) -> dict:
-    """teacher -> baseline -> KD student -> QAT-KD student -> evaluation table -> certified int8 export."""
+    """teacher -> baseline -> KD student -> QAT-KD student -> evaluation table -> certified int8 export.
+
+    The QAT student is trained for the target's backend (x86, or qnnpack for `--target arm`).
+    """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
+    target = load_target(target or TARGET_FOR_BACKEND[preset.quant.backend])  # a bad target fails before training
+    preset = with_overrides(preset, quant=with_overrides(preset.quant, backend=target.backend))
     stages = {"teacher": recipes.train_teacher(preset, run_dir, opts)}
     stages["baseline"] = recipes.train_student(with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline")
     stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
@@ -43,7 +50,6 @@ def run_pipeline(
     else:
         results = recipes.evaluate_checkpoints(list(stages.values()), opts, eval_json)
     click.echo(recipes.format_table(results))
-    target = load_target(target or TARGET_FOR_BACKEND[preset.quant.backend])
     out = run_dir / f"export-{target.backend}"  # export-x86, export-qnnpack
     report = existing_certificate(out, stages["student_qat"], target) if opts.resume else None
     if report is not None:

@@ -109,16 +109,32 @@ def test_export_is_one_process():
         components.export("ckpt.pt", j="1x2")
 
 
-def test_pipeline_runs_every_stage_in_order_and_writes_shared_files_once():
+def _trained_stages(script: str) -> list[str]:
+    """The stage each training command of a job script writes, as `kdq` names them (RUN/<stage>/)."""
+    stages = []
+    for command in re.findall(r"kdq(?:\.cli)? (teacher|baseline|distill)((?: [^;]*)?)", script):
+        name, args = command
+        stages.append("student_qat" if name == "distill" and "--qat" in args else
+                      "student" if name == "distill" else name)  # fmt: skip
+    return stages
+
+
+def test_pipeline_runs_the_stages_of_kdq_pipeline_and_writes_shared_files_once():
+    from kdq.pipeline import STAGES
+
     script = components.pipeline(run_dir="/runs/x", epochs=2, teacher_epochs=3).roles[0].args[1]
-    stages = [m.group(1) for m in re.finditer(r"kdq (teacher|soft-targets|distill|export)", script)]
-    assert stages == ["teacher", "soft-targets", "distill", "export"]
+    assert _trained_stages(script) == list(STAGES)  # the float student exists: QAT starts from it, not at random
+    steps = [m.group(1) for m in re.finditer(r"kdq (teacher|soft-targets|baseline|distill|evaluate|export|report)",
+                                             script)]  # fmt: skip
+    assert steps == ["teacher", "soft-targets", "baseline", "distill", "distill", "evaluate", "export", "report"]
     assert script.startswith("set -e;") and "--resume" in script
     assert "[ -e /runs/x/soft_targets.pt ] || kdq soft-targets" in script
+    assert "--qat --init /runs/x/student/checkpoint.pt --backend x86" in script  # the float reference
     assert "kdq export /runs/x/student_qat/checkpoint.pt --target x86 --overwrite" in script
+    assert "--backend qnnpack" in components.pipeline(target="arm").roles[0].args[1]  # QAT for ARM's kernels
     multi = components.pipeline(j="2x1").roles[0].args[1]
-    assert multi.count("torchrun ") == 2  # teacher and distill use every node
-    assert multi.count('if [ "${replica_id}" = 0 ]') == 2  # soft targets and export run on the first only
+    assert multi.count("torchrun ") == 4  # the trainings use every node
+    assert multi.count('if [ "${replica_id}" = 0 ]') == 4  # soft targets, evaluation, export, report: first only
 
 
 # ---------------------------------------------------------------------------------------------- real runs

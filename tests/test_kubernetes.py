@@ -110,9 +110,11 @@ def test_volcano_job_is_valid_and_wired(component, tmp_path):
             assert container["command"][0] == "kdq" and "torchrun" not in command
         if component == "pipeline":
             # Soft targets and export run on task 0 only (TorchX writes each task's index), training on all.
-            assert command.count(f'if [ "{index}" = 0 ]; then') == 2, command
-            stages = re.findall(r"kdq(?:\.cli)? (teacher|soft-targets|distill|export)", command)
-            assert stages == ["teacher", "soft-targets", "distill", "export"], command
+            assert command.count(f'if [ "{index}" = 0 ]; then') == 4, command
+            stages = re.findall(r"kdq(?:\.cli)? (teacher|soft-targets|baseline|distill|evaluate|export|report)",
+                                command)  # fmt: skip
+            assert stages == ["teacher", "soft-targets", "baseline", "distill", "distill", "evaluate", "export",
+                              "report"], command  # fmt: skip
 
     if component == "export":
         assert container["command"] == ["kdq", "export", "/runs/demo/student_qat/checkpoint.pt", "--target", "x86"]

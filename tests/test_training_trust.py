@@ -135,3 +135,25 @@ def test_val_fraction_zero_trains_on_everything_without_early_stopping(tiny, tmp
     saved = _fit(data, tmp_path, epochs=3, patience=1)
     assert [set(h) & {"val_acc", "test_acc"} for h in saved[ck.HISTORY]] == [set()] * 3  # all 3 epochs, none scored
     assert ck.SELECTED_EPOCH not in saved
+
+
+# --- one pipeline everywhere ---------------------------------------------------------------------------------------
+
+
+def test_qat_trains_for_the_backend_asked(smoke_run, tmp_path):
+    """`--backend qnnpack` is what `--target arm` exports; a float student has no backend to choose."""
+    from click.testing import CliRunner
+
+    from kdq.cli import main
+    from kdq.quant import FLOAT_MODEL, QUANTIZATION
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run / "teacher", run / "teacher")
+    shutil.copytree(smoke_run / "student", run / "student")
+    base = ["distill", "--preset", "smoke", "--device", "cpu", "--run-dir", str(run), "--epochs", "1"]
+    r = CliRunner().invoke(main, [*base, "--backend", "qnnpack"])
+    assert r.exit_code == 1 and "--backend applies to --qat training only" in r.output
+    r = CliRunner().invoke(main, [*base, "--qat", "--backend", "qnnpack"])
+    assert r.exit_code == 0, r.output
+    saved = ck.load_checkpoint(run / "student_qat" / "checkpoint.pt")
+    assert saved[QUANTIZATION]["backend"] == "qnnpack" and saved[FLOAT_MODEL] is not None  # from RUN/student
