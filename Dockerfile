@@ -53,9 +53,11 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
     if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \
     && /opt/uv/bin/uv sync --quiet --directory /opt/kdq-lock --frozen --no-dev --no-install-project
-RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
-    --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
-    /opt/uv/bin/uv pip install --python /opt/kdq/bin/python --no-deps --no-cache --offline /dist/kdq-*.whl
+# COPY, not a bind mount: podman's layer cache keys a RUN on its text, not on the files it mounts, so a bind-mounted
+# wheel would leave a stale kdq in a rebuilt image; a COPY is keyed on the wheel's content.
+COPY --from=builder /dist /opt/kdq-dist
+RUN --mount=type=bind,from=builder,source=/opt/uv,target=/opt/uv \
+    /opt/uv/bin/uv pip install --python /opt/kdq/bin/python --no-deps --no-cache --offline /opt/kdq-dist/kdq-*.whl
 COPY deploy/container/entrypoint.sh /usr/local/bin/kdq-entrypoint
 ENV PATH=/opt/kdq/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -88,15 +88,44 @@ def run_options(f):
 
 
 def optim_options(f):
+    """The training recipe's knobs; the command receives them as `optim` (Optim fields) and `augment` (Augment
+    fields) dicts of the options given, to apply over the preset's stage recipe."""
     for d in reversed(
         [
             click.option("--epochs", type=int, default=None, help="Epochs  [default: the preset's]"),
             click.option("--lr", type=float, default=None, help="Peak learning rate  [default: the preset's]"),
             click.option("--batch-size", type=int, default=None, help="Global batch size  [default: the preset's]"),
+            click.option(
+                "--momentum", type=float, default=None, help="SGD (Nesterov) momentum, constant  [default: 0.9]"
+            ),
+            click.option(
+                "--label-smoothing",
+                type=float,
+                default=None,
+                help="Label smoothing of the hard-label loss term  [default: the preset's, 0]",
+            ),
+            click.option(
+                "--cutmix",
+                type=float,
+                default=None,
+                help="CutMix with this Beta alpha (e.g. 1.0); with KD it needs --online  [default: the preset's, off]",
+            ),
+            click.option(
+                "--mixup",
+                type=float,
+                default=None,
+                help="MixUp with this Beta alpha (e.g. 0.2); with KD it needs --online  [default: the preset's, off]",
+            ),
         ]
     ):
         f = d(f)
-    return f
+
+    @functools.wraps(f)
+    def wrapper(*args, epochs, lr, batch_size, momentum, label_smoothing, cutmix, mixup, **kwargs):
+        optim = dict(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, label_smoothing=label_smoothing)
+        return f(*args, optim=optim, augment=dict(cutmix_alpha=cutmix, mixup_alpha=mixup), **kwargs)
+
+    return wrapper
 
 
 @click.group(cls=KdqGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -121,14 +150,15 @@ def main() -> None:
 @optim_options
 @click.option("--arch", type=click.Choice(TEACHERS), default=None, help="Teacher  [default: the preset's]")
 @click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (needs internet once).")
-def teacher(preset: Preset, run_dir: Path, opts, epochs, lr, batch_size, arch, pretrained) -> None:
+def teacher(preset: Preset, run_dir: Path, opts, optim, augment, arch, pretrained) -> None:
     """Train the teacher (a CIFAR-stem ResNet) -> RUN/teacher/checkpoint.pt."""
     from kdq import recipes
 
     preset = with_overrides(
         preset,
         teacher=arch,
-        teacher_optim=with_overrides(preset.teacher_optim, epochs=epochs, lr=lr, batch_size=batch_size),
+        teacher_optim=with_overrides(preset.teacher_optim, **optim),
+        augment=with_overrides(preset.augment, **augment),
     )
     path = recipes.train_teacher(preset, run_dir, opts, pretrained=pretrained)
     click.echo(path)
@@ -207,9 +237,8 @@ def _train_student(
     run_dir,
     opts,
     alpha,
-    epochs,
-    lr,
-    batch_size,
+    optim,
+    augment,
     temperature,
     dropout,
     width,
@@ -223,8 +252,9 @@ def _train_student(
     from kdq import recipes
     from kdq.losses import KDLoss
 
-    changes = dict(epochs=epochs, lr=lr, batch_size=batch_size)
+    changes = optim
     preset = with_overrides(preset, alpha=alpha, temperature=temperature, student_dropout=dropout, student_width=width)
+    preset = with_overrides(preset, augment=with_overrides(preset.augment, **augment))
     if backend and not qat:
         raise KdqError("--backend applies to --qat training only (a float student has no int8 kernels)")
     if qat:

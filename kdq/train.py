@@ -147,8 +147,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: Optim, steps_per_epo
     if total < 4:
         raise TrainingError(f"only {total} optimizer steps: use more epochs or a smaller batch size")
     if optim.schedule == "onecycle":  # warm up over 25% of the steps (at least one), then anneal
+        # cycle_momentum=False: the momentum stays the recipe's (OneCycleLR would otherwise overwrite it with
+        # its own 0.85..0.95 cycle, whatever Optim.momentum says)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=optim.lr, total_steps=total, pct_start=max(0.25, 1.5 / total)
+            optimizer, max_lr=optim.lr, total_steps=total, pct_start=max(0.25, 1.5 / total), cycle_momentum=False
         )
     if optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

@@ -9,6 +9,7 @@ rebuilt only when uv.lock changes) and uv's download cache (a build cache mount)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -70,6 +71,15 @@ def test_kdq_help_in_the_container(image):
     assert "distill" in out and "export" in out
     assert "Usage: kdq" in podman("run", "--rm", "--network=none", image)  # the default command
     assert podman("run", "--rm", "--network=none", image, "id", "-u").strip() == "1000"  # not root
+
+
+def test_the_image_holds_this_checkout_of_kdq(image):
+    """A rebuilt image must not keep a cached, older kdq: every module's bytes equal the checkout's."""
+    digest = "import hashlib, json, pathlib, kdq; d = pathlib.Path(kdq.__file__).parent; print(json.dumps({p.name: " \
+             "hashlib.sha256(p.read_bytes()).hexdigest() for p in d.glob('*.py')}))"  # fmt: skip
+    inside = json.loads(podman("run", "--rm", "--network=none", image, "python", "-c", digest).strip().splitlines()[-1])
+    here = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (REPO / "kdq").glob("*.py")}
+    assert inside == here
 
 
 @pytest.fixture(scope="module")

@@ -119,12 +119,13 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
     def export_then_corrupt(model, path, opset, image_size=32):
         real(model, path, opset, image_size)
         m = onnx.load(str(path))
-        for init in m.graph.initializer:  # the first int8 conv weight: scramble it
-            if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 4:
-                w = numpy_helper.to_array(init)
-                init.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(w.ravel()).reshape(w.shape),
-                                                      init.name))  # fmt: skip
-                break
+        # int8 conv weights: initializers, or (torch's exporter) Constant nodes' tensors
+        tensors = [*m.graph.initializer, *(a.t for n in m.graph.node if n.op_type == "Constant" for a in n.attribute)]
+        weights = [t for t in tensors if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+        assert len(weights) > 40, "no int8 conv weights found to corrupt"
+        w = weights[0]  # the stem conv's: scramble it
+        scrambled = np.random.default_rng(0).permutation(numpy_helper.to_array(w).ravel()).reshape(tuple(w.dims))
+        w.CopyFrom(numpy_helper.from_array(scrambled, w.name))
         onnx.save(m, str(path))
 
     monkeypatch.setattr(ex, "export_onnx", export_then_corrupt)

@@ -157,3 +157,53 @@ def test_qat_trains_for_the_backend_asked(smoke_run, tmp_path):
     assert r.exit_code == 0, r.output
     saved = ck.load_checkpoint(run / "student_qat" / "checkpoint.pt")
     assert saved[QUANTIZATION]["backend"] == "qnnpack" and saved[FLOAT_MODEL] is not None  # from RUN/student
+
+
+# --- every recipe knob is reachable, and does something ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """`kdq baseline` for one smoke epoch with the options given: (epoch-1 history entry, recorded preset)."""
+    from click.testing import CliRunner
+
+    from kdq.cli import main
+
+    def train(*options: str) -> tuple[dict, dict]:
+        run = tmp_path_factory.mktemp("knob")
+        r = CliRunner().invoke(main, ["baseline", "--preset", "smoke", "--device", "cpu", "--epochs", "1",
+                                      "--run-dir", str(run), *options])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        saved = ck.load_checkpoint(run / "baseline" / "checkpoint.pt")
+        return saved[ck.HISTORY][0], saved[ck.PRESET]
+
+    return train
+
+
+@pytest.mark.parametrize(
+    "option, value, recorded",
+    [
+        ("--label-smoothing", "0.1", ("student_optim", "label_smoothing")),
+        ("--cutmix", "1.0", ("augment", "cutmix_alpha")),
+        ("--mixup", "0.2", ("augment", "mixup_alpha")),
+        ("--momentum", "0.5", ("student_optim", "momentum")),
+    ],
+)
+def test_every_recipe_knob_changes_the_training_step(one_epoch, option, value, recorded):
+    plain, _ = one_epoch()
+    changed, preset = one_epoch(option, value)
+    assert preset[recorded[0]][recorded[1]] == float(value)  # recorded in the checkpoint's recipe
+    assert changed["train_loss"] != plain["train_loss"]
+
+
+def test_one_cycle_keeps_the_recipes_momentum():
+    from kdq.config import Optim
+    from kdq.train import make_scheduler
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.5, nesterov=True)
+    scheduler = make_scheduler(optimizer, Optim(epochs=2, lr=0.1, momentum=0.5), steps_per_epoch=10)
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[0]["momentum"] == 0.5
