@@ -96,7 +96,11 @@ def optim_options(f):
             click.option("--lr", type=float, default=None, help="Peak learning rate  [default: the preset's]"),
             click.option("--batch-size", type=int, default=None, help="Global batch size  [default: the preset's]"),
             click.option(
-                "--momentum", type=float, default=None, help="SGD (Nesterov) momentum, constant  [default: 0.9]"
+                "--momentum",
+                type=float,
+                default=None,
+                help="SGD (Nesterov) momentum; with the onecycle schedule the centre of its cycle (±0.05, lowest at "
+                "the peak lr)  [default: 0.9]",
             ),
             click.option(
                 "--label-smoothing",

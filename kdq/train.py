@@ -147,11 +147,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: Optim, steps_per_epo
     if total < 4:
         raise TrainingError(f"only {total} optimizer steps: use more epochs or a smaller batch size")
     if optim.schedule == "onecycle":  # warm up over 25% of the steps (at least one), then anneal
-        # cycle_momentum=False: the momentum stays the recipe's (OneCycleLR would otherwise overwrite it with
-        # its own 0.85..0.95 cycle, whatever Optim.momentum says)
+        # 1cycle also cycles the momentum, lowest at the peak lr: around the recipe's momentum (±0.05; 0.9 gives
+        # PyTorch's own 0.85..0.95), not around OneCycleLR's fixed defaults whatever Optim.momentum says
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=optim.lr, total_steps=total, pct_start=max(0.25, 1.5 / total), cycle_momentum=False
-        )
+            optimizer, max_lr=optim.lr, total_steps=total, pct_start=max(0.25, 1.5 / total),
+            base_momentum=optim.momentum - 0.05, max_momentum=optim.momentum + 0.05,
+        )  # fmt: skip
     if optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     raise TrainingError(f"unknown schedule {optim.schedule!r}; choose from: onecycle, cosine")

@@ -43,7 +43,7 @@ def test_qat_kd_student_converts_to_int8_and_keeps_accuracy(smoke_run, digits):
     int8 = int8_model(ckpt)
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.modules())
     fp32 = float_reference(ckpt)  # the KD student QAT started from
-    assert accuracy(int8, ckpt, digits) >= accuracy(fp32, ckpt, digits) - 0.01  # 3 of 360 test images
+    assert accuracy(int8, ckpt, digits) >= accuracy(fp32, ckpt, digits) - 0.03  # smoke-target.toml: seconds of QAT
 
 
 def test_ptq_converts_to_int8_and_keeps_accuracy(ptq, smoke_run, digits):
@@ -51,7 +51,7 @@ def test_ptq_converts_to_int8_and_keeps_accuracy(ptq, smoke_run, digits):
     assert ckpt[QUANTIZATION] | {"mode": "ptq", "backend": "x86"} == ckpt[QUANTIZATION]
     float_ckpt = ck.load_checkpoint(smoke_run / "student" / "checkpoint.pt")
     fp32, int8 = ck.model_from_checkpoint(float_ckpt), int8_model(ckpt)
-    assert accuracy(int8, ckpt, digits) >= accuracy(fp32, float_ckpt, digits) - 0.01  # 3 of 360 test images
+    assert accuracy(int8, ckpt, digits) >= accuracy(fp32, float_ckpt, digits) - 0.03  # smoke-target.toml
     # Packed int8 weights are counted; each folded BN trades its 2 vectors for one conv bias.
     assert 0.98 * count_parameters(fp32) < count_parameters(int8) < count_parameters(fp32)
     assert not any(v.is_quantized for v in ckpt[ck.MODEL].values())  # prepared float state: loads weights_only

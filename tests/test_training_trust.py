@@ -196,14 +196,16 @@ def test_every_recipe_knob_changes_the_training_step(one_epoch, option, value, r
     assert changed["train_loss"] != plain["train_loss"]
 
 
-def test_one_cycle_keeps_the_recipes_momentum():
+def test_one_cycle_cycles_around_the_recipes_momentum():
     from kdq.config import Optim
     from kdq.train import make_scheduler
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.5, nesterov=True)
     scheduler = make_scheduler(optimizer, Optim(epochs=2, lr=0.1, momentum=0.5), steps_per_epoch=10)
-    for _ in range(20):
+    seen = []
+    for _ in range(19):
         optimizer.step()
         scheduler.step()
-        assert optimizer.param_groups[0]["momentum"] == 0.5
+        seen.append(optimizer.param_groups[0]["momentum"])
+    assert 0.45 - 1e-9 <= min(seen) < max(seen) <= 0.55 + 1e-9
