@@ -99,7 +99,7 @@ PRESETS: dict[str, Preset] = {
         teacher="resnet20",
         teacher_optim=Optim(epochs=8, lr=0.1, batch_size=64),
         student_optim=Optim(epochs=6, lr=0.1, batch_size=64),
-        quant=Quant(calibration_batches=20, qat_optim=Optim(epochs=2, lr=0.01, batch_size=64, schedule="cosine")),
+        quant=Quant(calibration_batches=20, qat_optim=Optim(epochs=1, lr=0.01, batch_size=64, schedule="cosine")),
         augment=Augment(crop_padding=2, flip=False),
     ),
     # Seconds, not minutes: the whole pipeline once, for tests and smoke runs of launchers. The "teacher"
