@@ -293,7 +293,10 @@ def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None =
         ckpt = ck.load_checkpoint(path)
         model = int8_model(ckpt, path) if is_quantized(ckpt) else ck.model_from_checkpoint(ckpt, path)
         preset = Preset.from_dict(ckpt[ck.PRESET])
-        data = cache.get(preset.dataset) or cache.setdefault(preset.dataset, load_data(preset, opts))
+        # the test split only: no validation split to carve (a small folder may be too small for one)
+        data = cache.get(preset.dataset) or cache.setdefault(
+            preset.dataset, load_dataset(preset.dataset, opts.data_dir, download=opts.download)
+        )
         _check_same_data(ckpt, data, path)
         metrics = evaluate_model(
             model, data.test, Normalize(**ckpt[ck.NORMALIZATION]), data.classes, latency_runs=latency_runs
