@@ -115,6 +115,7 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
     import kdq.export as ex
 
     real = ex.export_onnx
+    corrupted = []
 
     def export_then_corrupt(model, path, opset, image_size=32):
         real(model, path, opset, image_size)
@@ -122,7 +123,9 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
         # int8 conv weights: initializers, or (torch's exporter) Constant nodes' tensors
         tensors = [*m.graph.initializer, *(a.t for n in m.graph.node if n.op_type == "Constant" for a in n.attribute)]
         weights = [t for t in tensors if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
-        assert len(weights) > 40, "no int8 conv weights found to corrupt"
+        if not weights:  # the float reference the certificate times against
+            return
+        corrupted.append(path)
         w = weights[0]  # the stem conv's: scramble it
         scrambled = np.random.default_rng(0).permutation(numpy_helper.to_array(w).ravel()).reshape(tuple(w.dims))
         w.CopyFrom(numpy_helper.from_array(scrambled, w.name))
@@ -133,7 +136,7 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
     target = Target("x86-parity", "x86", ["torchscript", "onnx"], 17, PARITY_ONLY, {"batch_sizes": [1], "threads": [1]})
     with pytest.raises(ExportError, match="parity gates failed: .*ort_"):
         export(smoke_run / "student_qat" / "checkpoint.pt", out, target, latency_runs=2)
-    assert not out.exists()  # nothing half-certified at the output path
+    assert len(corrupted) == 1 and not out.exists()  # the int8 file was corrupted; nothing half-certified at OUT
     report = json.loads((tmp_path / "export.rejected" / "parity.json").read_text())
     failed = {c["name"] for c in report["checks"] if not c["passed"]}
     # only ONNX Runtime's gates see the corrupted ONNX file; PyTorch and TorchScript still pass theirs

@@ -259,6 +259,7 @@ def test_soft_targets_that_would_run_code_are_refused(tmp_path, tiny):
 
     marker = tmp_path / "pwned"
     torch.save({"logits": _Evil(marker)}, tmp_path / "soft_targets.pt")
+    (tmp_path / "teacher.pt").write_bytes(b"a teacher file")  # soft targets are checked against their teacher's sha256
     with pytest.raises(ck.CheckpointError, match="refused to load"):
         _soft_targets_for(tmp_path / "teacher.pt", tiny, tmp_path, RunOptions(), Runtime(torch.device("cpu")))
     assert not marker.exists()
