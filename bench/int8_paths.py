@@ -31,6 +31,7 @@ from kdq.evaluate import median_ms
 from kdq.export import export_onnx, export_torchscript
 from kdq.int8run import logits_in_child
 from kdq.int8run import ort_session as session
+from kdq.parity import batched, ort_runner
 from kdq.quant import Scheme, float_reference, int8_model
 from kdq.recipes import SOFT_TARGETS, RunOptions, quantize_static, train_student
 from kdq.train import CHECKPOINT
@@ -99,8 +100,7 @@ def quantized(student: Path, preset: Preset, scheme: Scheme, mode: str, tmp: Pat
 
 
 def ort_logits(onnx: Path, x: np.ndarray, config: dict | None = None) -> np.ndarray:
-    sess = session(str(onnx), 1, config)
-    return np.concatenate([sess.run(None, {"input": x[i : i + 64]})[0] for i in range(0, len(x), 64)])
+    return batched(ort_runner(session(str(onnx), 1, config)), x)
 
 
 def ort_latency(int8: Path, fp32: Path, rounds: int) -> dict:
