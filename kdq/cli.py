@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from kdq.config import BACKENDS, CHECKPOINT, DATASETS, PRESETS, TEACHERS, Preset, get_preset, with_overrides
+from kdq.config import BACKENDS, CHECKPOINT, DATASETS, KD_LOSSES, PRESETS, TEACHERS, Preset, get_preset, with_overrides
 from kdq.errors import KdqError
 
 
@@ -207,9 +207,17 @@ def _student_options(f):
             ),
             click.option(
                 "--online/--offline",
-                default=False,
-                help="Online: run the teacher on every augmented batch. Offline: use RUN/soft_targets.pt "
-                "(computed first if missing).",
+                default=None,
+                help="Online: the teacher runs on every augmented batch, seeing what the student sees. Offline: its "
+                "logits on the unaugmented images, RUN/soft_targets.pt (computed first if missing)  "
+                "[default: the preset's]",
+            ),
+            click.option(
+                "--kd-loss",
+                type=click.Choice(KD_LOSSES),
+                default=None,
+                help="The teacher term: hinton (KL of the softened distributions) or dist (Pearson correlation of "
+                "them across classes and across the batch, Huang et al. 2022)  [default: the preset's]",
             ),
             click.option(
                 "--stage", default=None, help="Output folder under RUN  [default: student, baseline or student_qat]"
@@ -248,6 +256,7 @@ def _train_student(
     width,
     teacher_path,
     online,
+    kd_loss,
     stage,
     qat,
     init,
@@ -257,7 +266,9 @@ def _train_student(
     from kdq.losses import KDLoss
 
     changes = optim
-    preset = with_overrides(preset, alpha=alpha, temperature=temperature, student_dropout=dropout, student_width=width)
+    preset = with_overrides(
+        preset, alpha=alpha, temperature=temperature, student_dropout=dropout, student_width=width, kd_loss=kd_loss
+    )
     preset = with_overrides(preset, augment=with_overrides(preset.augment, **augment))
     if backend and not qat:
         raise KdqError("--backend applies to --qat training only (a float student has no int8 kernels)")
@@ -268,7 +279,7 @@ def _train_student(
         init = init or (default_init if default_init.exists() else None)
     else:
         preset = with_overrides(preset, student_optim=with_overrides(preset.student_optim, **changes))
-    KDLoss(preset.alpha, preset.temperature)  # validate before any data is loaded
+    KDLoss(preset.alpha, preset.temperature, kind=preset.kd_loss)  # validate before any data is loaded
     stage = stage or ("student_qat" if qat else "student" if preset.alpha > 0 else "baseline")
     click.echo(
         recipes.train_student(
@@ -401,14 +412,20 @@ def export_cmd(checkpoint: Path, target, out, data_dir, verify, latency_runs, ov
 @run_options
 @click.option("--latency-runs", type=int, default=None, help="Export certificate: timed runs per latency cell.")
 @click.option("--target", default=None, help="Export target name or .toml path  [default: x86, or arm for qnnpack]")
-def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target) -> None:
-    """Run every stage: teacher -> soft targets -> baseline -> KD student -> QAT -> table -> certified export.
+@click.option(
+    "--require-teacher-ahead",
+    is_flag=True,
+    help="Stop before distilling when the teacher's validation accuracy is not above the no-KD baseline's "
+    "(without it: a loud warning, and the report shows the comparison).",
+)
+def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, require_teacher_ahead) -> None:
+    """Run every stage: teacher -> baseline -> (teacher ahead?) -> KD student -> QAT -> table -> certified export.
 
     With --resume, finished stages are skipped and an interrupted one continues.
     """
     from kdq.pipeline import run_pipeline
 
-    run_pipeline(preset, run_dir, opts, export_latency_runs=latency_runs, target=target)
+    run_pipeline(preset, run_dir, opts, latency_runs, target, require_teacher_ahead)
 
 
 @main.command()

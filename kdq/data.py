@@ -7,6 +7,8 @@ plus class names. Training moves the tensors to the device once; no DataLoader o
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import CIFAR10
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from kdq.config import DATASETS, Augment
@@ -80,11 +82,32 @@ def split_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
     return dataclasses.replace(data, train=part(keep), val=part(held_out))
 
 
+def subset_training(data: Dataset, size: int) -> Dataset:
+    """A stratified subset of `size` training images, the same whatever the seed (so every seed of a benchmark
+    trains on the same images); the test split is untouched."""
+    if not 0 < size <= len(data.train):
+        raise DataError(f"train_subset must be in 1..{len(data.train)}, got {size}")
+    if size == len(data.train):
+        return data
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(data.train), generator=gen)
+    labels = data.train.labels[order]
+    rank = torch.zeros_like(labels)  # each image's rank among the shuffled images of its class
+    for c in range(len(data.classes)):
+        members = labels == c
+        rank[members] = torch.arange(int(members.sum()))
+    keep = order[torch.argsort(rank * len(data.classes) + labels, stable=True)[:size]]  # round-robin over classes
+    keep = keep.sort().values
+    return dataclasses.replace(data, train=Split(data.train.images[keep], data.train.labels[keep]))
+
+
 def load_dataset(name: str, root: Path | str = "data", download: bool = False) -> Dataset:
     if name == "digits":
         return load_digits()
-    if name == "cifar10":
-        return load_cifar10(Path(root), download=download)
+    if name in CIFARS:
+        return load_cifar(name, Path(root), download=download)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(Path(root), download=download)
     if name == "folder":
         return load_image_folder(Path(root))
     raise DataError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
@@ -115,7 +138,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     )
 
 
-# --- CIFAR-10: torchvision's download and md5 sums, our own tensor parser ------------------------
+# --- CIFAR-10 and CIFAR-100: torchvision's download and md5 sums, our own tensor parser --------------
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -134,48 +157,139 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _ArrayUnpickler(f, encoding="latin1").load()
+
+
 def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parse one CIFAR-10 python batch file into (N, 3, 32, 32) uint8 images and int64 labels."""
+    """Parse one CIFAR python batch file into (N, 3, 32, 32) uint8 images and int64 labels.
+
+    CIFAR-10 batches hold `labels`; CIFAR-100's hold `fine_labels` (100 classes, read) and `coarse_labels`.
+    """
     try:
-        with open(path, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="latin1").load()
+        batch = _unpickle(path)
         data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
-        labels = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
+        labels = np.asarray(batch["labels"] if "labels" in batch else batch["fine_labels"], dtype=np.int64)
     except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:
-        raise DataError(f"{path}: not a readable CIFAR-10 batch ({e}); delete it and re-download") from e
+        raise DataError(f"{path}: not a readable CIFAR batch ({e}); delete it and re-download") from e
     if len(labels) != len(data):
         raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
     return torch.from_numpy(data.copy()), torch.from_numpy(labels)
 
 
-def load_cifar10(root: Path, download: bool = False, verify: bool = True) -> Dataset:
-    """Load CIFAR-10 from `root/cifar-10-batches-py`, downloading it first if asked.
+CIFARS = {"cifar10": CIFAR10, "cifar100": CIFAR100}  # torchvision's file lists, md5 sums and URLs
 
-    Each batch's md5 is checked against torchvision's known sums *before* it is unpickled, so a
-    tampered file is never parsed. Tests pass verify=False to read small generated batches.
+
+def load_cifar(name: str, root: Path, download: bool = False, verify: bool = True) -> Dataset:
+    """Load CIFAR-10 or CIFAR-100 from torchvision's folder under `root`, downloading it first if asked.
+
+    Each file's md5 is checked against torchvision's known sums *before* it is unpickled, so a
+    tampered file is never parsed. Tests pass verify=False to read small generated files.
     """
-    folder = root / CIFAR10.base_folder
-    if download:
-        if not all(check_integrity(str(folder / f), md5) for f, md5 in CIFAR10.train_list + CIFAR10.test_list):
-            download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    tv, title = CIFARS[name], name.upper().replace("CIFAR", "CIFAR-")
+    folder = root / tv.base_folder
+    files = [*tv.train_list, *tv.test_list, *([[tv.meta["filename"], tv.meta["md5"]]] if name == "cifar100" else [])]
+    if download and not all(check_integrity(str(folder / f), md5) for f, md5 in files):
+        download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
     if not folder.is_dir():
-        raise DataError(f"CIFAR-10 not found in {folder}; pass --download or set --data-dir to its parent")
+        raise DataError(f"{title} not found in {folder}; pass --download or set --data-dir to its parent")
+    for filename, md5 in files:
+        path = folder / filename
+        if not path.is_file():
+            raise DataError(f"{path} is missing; re-download {title} with --download")
+        if verify and not check_integrity(str(path), md5):
+            raise DataError(
+                f"{path}: md5 mismatch ({path.stat().st_size} bytes: truncated, corrupt or modified); "
+                "delete it and re-download"
+            )
 
-    def read(files: list[list[str]]) -> Split:
-        parts = []
-        for filename, md5 in files:
-            path = folder / filename
-            if not path.is_file():
-                raise DataError(f"{path} is missing; re-download CIFAR-10 with --download")
-            if verify and not check_integrity(str(path), md5):
-                raise DataError(
-                    f"{path}: md5 mismatch ({path.stat().st_size} bytes: truncated, corrupt or modified); "
-                    "delete it and re-download"
-                )
-            parts.append(read_cifar_batch(path))
+    def read(batches: list[list[str]]) -> Split:
+        parts = [read_cifar_batch(folder / filename) for filename, _ in batches]
         return Split(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
-    return Dataset("cifar10", read(CIFAR10.train_list), read(CIFAR10.test_list), list(CIFAR10_CLASSES))
+    if name == "cifar10":
+        classes = list(CIFAR10_CLASSES)
+    else:
+        try:
+            classes = list(_unpickle(folder / tv.meta["filename"])[tv.meta["key"]])
+        except (OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+            raise DataError(f"{folder / tv.meta['filename']}: not a readable CIFAR-100 meta file ({e})") from e
+    return Dataset(name, read(tv.train_list), read(tv.test_list), classes)
+
+
+# --- Fashion-MNIST: torchvision's files and md5 sums; offline, Debian's dataset-fashion-mnist ------
+
+# Debian recompresses the four .gz files (other gzip headers, so torchvision's md5 sums of the .gz files do not
+# match) but the idx bytes inside are the originals: these are the md5 sums of the decompressed files.
+FASHION_MNIST_IDX_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+
+
+def _read_idx(path: Path, verify: bool) -> np.ndarray:
+    """An idx file (uint8 payload), plain or gzipped, checked against the md5 of its decompressed bytes."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: not a readable idx file ({e}); delete it and re-download") from e
+    expected = FASHION_MNIST_IDX_MD5[path.name.removesuffix(".gz")]
+    if verify and hashlib.md5(raw).hexdigest() != expected:
+        raise DataError(f"{path}: md5 mismatch of its idx bytes (truncated, corrupt or modified); re-download")
+    ndim = raw[3] if len(raw) > 4 and raw[:3] == b"\0\0\x08" else 0  # magic: 0, 0, 0x08 (uint8), ndim
+    if not ndim:
+        raise DataError(f"{path}: not a uint8 idx file")
+    shape = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    payload = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(shape)):
+        raise DataError(f"{path}: {payload.size} bytes of data for shape {tuple(shape)}")
+    return payload.reshape(tuple(shape))
+
+
+def fashion_mnist_folder(root: Path, download: bool = False) -> Path:
+    """Where the four files are: torchvision's `root/FashionMNIST/raw` (downloaded there with --download),
+    else the Debian package's folder."""
+    raw = root / FashionMNIST.__name__ / "raw"
+    names = list(FASHION_MNIST_IDX_MD5)
+    for folder in (raw, DEBIAN_FASHION_MNIST):
+        if all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in names):
+            return folder
+    if download:
+        for filename, md5 in FashionMNIST.resources:
+            download_and_extract_archive(FashionMNIST.mirrors[0] + filename, str(raw), filename=filename, md5=md5)
+        return raw
+    raise DataError(
+        f"Fashion-MNIST not found in {raw} or {DEBIAN_FASHION_MNIST}; pass --download, "
+        "or install it: apt-get install dataset-fashion-mnist"
+    )
+
+
+def load_fashion_mnist(root: Path, download: bool = False, verify: bool = True) -> Dataset:
+    """Zalando's Fashion-MNIST (60,000 train / 10,000 test, 28x28 grayscale), as 32x32x3.
+
+    Each image is padded by 2 black pixels on every side and its channel repeated three times. Padding, not
+    resizing: every pixel stays exact (a resize to 32 blurs 1-px seams and straps), the garments keep their
+    scale, and black is the images' own background. 32x32x3 is the input every kdq model, export target and
+    edge app is built for; repeating the channel costs only the stem conv's 2 extra input channels.
+    """
+    folder = fashion_mnist_folder(root, download)
+
+    def split(prefix: str) -> Split:
+        files = {kind: folder / f"{prefix}-{kind}" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")}
+        files = {k: p if p.is_file() else p.with_name(p.name + ".gz") for k, p in files.items()}
+        images = torch.from_numpy(_read_idx(files["images-idx3-ubyte"], verify).copy())
+        labels = torch.from_numpy(_read_idx(files["labels-idx1-ubyte"], verify).astype(np.int64))
+        if images.ndim != 3 or len(images) != len(labels):
+            raise DataError(f"{folder}: {prefix} images {tuple(images.shape)} do not match {len(labels)} labels")
+        pad = (IMAGE_SIZE - images.shape[-1]) // 2
+        images = F.pad(images, (pad,) * 4).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+        return Split(images, labels)
+
+    return Dataset("fashion-mnist", split("train"), split("t10k"), list(FashionMNIST.classes))
 
 
 # --- bring your own: class folders (torchvision ImageFolder), resized to 32x32 --------------------

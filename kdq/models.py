@@ -63,11 +63,12 @@ def cifar_resnet(name: str, num_classes: int, pretrained: bool = False) -> resne
 
 
 class CifarMobileNetV2(QuantizableMobileNetV2):
-    """MobileNetV2 for 32x32 inputs, ready for eager-mode int8 quantization.
+    """MobileNetV2 for 32x32 inputs, ready for eager-mode int8 quantization, at output stride 16 or 8.
 
-    Why it differs from torchvision's ImageNet model:
-    - stride-1 stem: a 32x32 image keeps 16x16 maps after the first downsampling stage instead of 8x8;
-      the remaining strides stay (a stride-1 second stage is ~5x slower on CPU for little gain here);
+    Why it differs from torchvision's ImageNet model (output stride 32: 1x1 final maps at 32x32):
+    - `output_stride=16` (`mobilenet_v2_os16`): stride-1 stem, 2x2 final maps, 24.5 M MACs; the fast one;
+    - `output_stride=8` (`mobilenet_v2_os8`): the 24-channel stage at stride 1 too, 4x4 final maps, 88 M MACs:
+      the layout of the published CIFAR MobileNetV2s (kuangliu/pytorch-cifar 94.43%, chenyaofo 93.79%);
     - ReLU instead of ReLU6: eager fusion has no conv-bn-ReLU6 pattern, and an unfused ReLU6 breaks
       the ONNX export of the int8 model (shared/notes/quantization.md);
     - dequantize *before* the classifier, which stays float: an int8 classifier puts logits on a
@@ -76,11 +77,15 @@ class CifarMobileNetV2(QuantizableMobileNetV2):
     `fuse_model`), inherited from `QuantizableMobileNetV2`.
     """
 
-    def __init__(self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1):
+    def __init__(self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1, output_stride: int = 16):
         super().__init__(
             num_classes=num_classes, width_mult=width_mult, dropout=dropout, block=QuantizableInvertedResidual
         )
-        self.features[0][0].stride = (1, 1)
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        self.features[0][0].stride = (1, 1)  # stem
+        if output_stride == 8:
+            self.features[2].conv[1][0].stride = (1, 1)  # depthwise conv of the 24-channel stage's first block
         _relu6_to_relu(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,13 +103,13 @@ def _relu6_to_relu(module: nn.Module) -> None:
 
 
 def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build a teacher (`resnet*`) or the student (`mobilenet_v2`) by name."""
+    """Build a teacher (`resnet*`) or a student (`mobilenet_v2_os16`, `mobilenet_v2_os8`) by name."""
     if arch in RESNETS:
         return cifar_resnet(arch, num_classes, **kwargs)
     if arch in CIFAR_RESNETS:
         return CifarResNet(int(arch.removeprefix("resnet")), num_classes, **kwargs)
-    if arch == "mobilenet_v2":
-        return CifarMobileNetV2(num_classes, **kwargs)
+    if arch in STUDENTS:
+        return CifarMobileNetV2(num_classes, output_stride=int(arch.removeprefix("mobilenet_v2_os")), **kwargs)
     raise ValueError(f"unknown model {arch!r}; choose from: {', '.join(TEACHERS + STUDENTS)}")
 
 

@@ -13,9 +13,11 @@ import click
 from kdq import recipes
 from kdq.artifacts import load_target
 from kdq.config import Preset, with_overrides
+from kdq.errors import KdqError
 from kdq.export import existing_certificate, export
 from kdq.parity import format_report
-from kdq.report import write_report
+from kdq.report import teacher_lead, teacher_lead_sentence, write_report
+from kdq.train import HISTORY_JSON
 
 TARGET_FOR_BACKEND = {"x86": "x86", "qnnpack": "arm"}
 # The trained stages of a run, in order (RUN/<stage>/checkpoint.pt); components.py's pipeline job trains the same.
@@ -28,10 +30,13 @@ def run_pipeline(
     opts: recipes.RunOptions,
     export_latency_runs: int | None = None,
     target: str | None = None,
+    require_teacher_ahead: bool = False,
 ) -> dict:
     """teacher -> baseline -> KD student -> QAT-KD student -> evaluation table -> certified int8 export.
 
-    The QAT student is trained for the target's backend (x86, or qnnpack for `--target arm`).
+    The QAT student is trained for the target's backend (x86, or qnnpack for `--target arm`). Before
+    distilling, the teacher's validation accuracy is compared with the baseline's: a teacher that is not ahead
+    is a loud warning, or with `require_teacher_ahead` an error.
     """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -39,6 +44,7 @@ def run_pipeline(
     preset = with_overrides(preset, quant=with_overrides(preset.quant, backend=target.backend))
     stages = {"teacher": recipes.train_teacher(preset, run_dir, opts)}
     stages["baseline"] = recipes.train_student(with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline")
+    check_teacher_ahead(run_dir, require_teacher_ahead)
     stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
     stages["student_qat"] = recipes.train_student(
         preset, run_dir, opts, stage="student_qat", qat=True, init=stages["student"]
@@ -69,6 +75,30 @@ def run_pipeline(
     click.echo(f"report -> {md} (self-contained: {page})")
     print(f"[pipeline] {preset.name} done in {time.perf_counter() - t0:.0f}s -> {run_dir}", file=sys.stderr)
     return results
+
+
+class TeacherNotAheadError(KdqError):
+    """The teacher is not more accurate than the student trained without it."""
+
+
+def check_teacher_ahead(run_dir: Path, required: bool) -> dict | None:
+    """Compare RUN/teacher's and RUN/baseline's best validation accuracy; warn (or raise) when the teacher is not
+    ahead. None when there is no validation split to compare on."""
+    histories = {s: json.loads((run_dir / s / HISTORY_JSON).read_text()) for s in ("teacher", "baseline")}
+    lead = teacher_lead(histories)
+    if lead is None:
+        print("[pipeline] no validation split: teacher vs baseline not compared", file=sys.stderr)
+    elif lead["ahead"]:
+        print(f"[pipeline] {teacher_lead_sentence(lead)}", file=sys.stderr)
+    elif required:
+        raise TeacherNotAheadError(
+            f"teacher {lead['teacher']:.2%} is not ahead of the no-KD baseline {lead['baseline']:.2%} (validation); "
+            "train it longer or pick a larger one (or drop --require-teacher-ahead)"
+        )
+    else:
+        bar = "!" * 100
+        click.echo(f"{bar}\n[pipeline] WARNING {teacher_lead_sentence(lead).replace('**', '')}\n{bar}", err=True)
+    return lead
 
 
 def _newer_than(output: Path, inputs: Iterable[Path]) -> bool:

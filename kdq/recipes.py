@@ -20,7 +20,7 @@ from tqdm import tqdm
 from kdq import checkpoint as ck
 from kdq.artifacts import sha256
 from kdq.config import Preset
-from kdq.data import Dataset, Normalize, load_dataset, split_validation
+from kdq.data import Dataset, Normalize, load_dataset, split_validation, subset_training
 from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import check_writable, save_json, save_torch
 from kdq.models import build_model
@@ -46,6 +46,8 @@ class RunOptions:
 def load_data(preset: Preset, opts: RunOptions) -> Dataset:
     """The preset's dataset with its validation split carved out: every training stage sees the same three splits."""
     data = load_dataset(preset.dataset, opts.data_dir, download=opts.download)
+    if preset.train_subset:
+        data = subset_training(data, preset.train_subset)
     return split_validation(data, preset.val_fraction, preset.seed)
 
 
@@ -123,24 +125,24 @@ def train_student(
     *,
     stage: str = "student",
     teacher_path: Path | None = None,
-    online: bool = False,
+    online: bool | None = None,
     qat: bool = False,
     init: Path | None = None,
 ) -> Path:
     """Distil the student from the teacher (alpha > 0) or train the baseline (alpha = 0).
 
     With `qat`, the student trains with fake quantization (the preset's `quant` recipe) while the same
-    KD loss drives it, starting from the float checkpoint `init` when given.
+    KD loss drives it, starting from the float checkpoint `init` when given. `online` None: the preset's.
     """
     run_dir = Path(run_dir)
     rt = setup_runtime(opts.device)
     if rt.is_main:
         check_writable(run_dir / stage, create=False)  # before the data and the teacher load
     data = load_data(preset, opts)
-    distill = Distill(alpha=preset.alpha, temperature=preset.temperature)
+    distill = Distill(alpha=preset.alpha, temperature=preset.temperature, kd_loss=preset.kd_loss)
     if preset.alpha > 0:
         teacher_path = Path(teacher_path or run_dir / "teacher" / CHECKPOINT)
-        if online:
+        if preset.kd_online if online is None else online:
             distill.teacher, tckpt = load_teacher(teacher_path)
             _check_same_data(tckpt, data, teacher_path)
             distill.taught_by = {"teacher_sha256": sha256(teacher_path)}

@@ -293,6 +293,32 @@ def training_table(histories: dict[str, list[dict]]) -> list[str]:
     return _table(header, rows)
 
 
+def teacher_lead(histories: dict[str, list[dict]]) -> dict | None:
+    """The teacher's and the no-KD baseline's best validation accuracy, and the teacher's lead over the baseline.
+
+    A teacher that is not ahead of the student trained without it has nothing to teach (on a 5,000-image
+    dataset a ResNet-18 teacher 3.5 pt behind the baseline gave a KD student 3 pt *below* the baseline).
+    None unless both stages have validation accuracies.
+    """
+    best = {}
+    for stage in ("teacher", "baseline"):
+        hist = histories.get(stage) or []
+        if not hist or not all("val_acc" in h for h in hist):
+            return None
+        best[stage] = max(h["val_acc"] for h in hist)
+    return {**best, "lead": best["teacher"] - best["baseline"], "ahead": best["teacher"] > best["baseline"]}
+
+
+def teacher_lead_sentence(lead: dict) -> str:
+    numbers = f"teacher {_pct(lead['teacher'])}, no-KD baseline {_pct(lead['baseline'])} (best validation accuracy)"
+    if lead["ahead"]:
+        return f"Teacher vs baseline: {numbers}; the teacher is ahead by {lead['lead'] * 100:.2f} pt."
+    return (
+        f"**Teacher vs baseline: the teacher is NOT ahead** ({numbers}): distillation from it cannot be expected to "
+        "beat the baseline. Train the teacher longer, or pick a larger one."
+    )
+
+
 def build_markdown(run: Run, plots: dict[str, str]) -> str:
     """The report as Markdown; `plots` maps a plot's key to its path relative to the report."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -323,6 +349,9 @@ def build_markdown(run: Run, plots: dict[str, str]) -> str:
     lines += ["## Training", ""]
     if run.histories:
         lines += [f"![training curves]({plots['training']})", ""] + training_table(run.histories) + [""]
+        lead = teacher_lead(run.histories)
+        if lead is not None:
+            lines += [teacher_lead_sentence(lead), ""]
     else:
         lines += [f"_No `<stage>/{HISTORY_JSON}` in the run._", ""]
 

@@ -51,6 +51,7 @@ class Distill:
 
     alpha: float = 0.7
     temperature: float = 4.0
+    kd_loss: str = "hinton"  # the soft term (kdq.losses)
     teacher: nn.Module | None = None  # online: forward on the same augmented batch, no grad
     soft_targets: torch.Tensor | None = None  # offline: (N_train, C) teacher logits on unaugmented images
     taught_by: dict | None = None  # the teacher file's sha256 (and the soft targets' data): part of the recipe
@@ -216,7 +217,7 @@ def fit(
     if ckpt_path.exists() and not (resume or overwrite):
         raise TrainingError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to replace it")
     distill = distill or Distill(alpha=0.0)
-    criterion = KDLoss(distill.alpha, distill.temperature, optim.label_smoothing)
+    criterion = KDLoss(distill.alpha, distill.temperature, optim.label_smoothing, distill.kd_loss)
     if distill.alpha > 0 and distill.teacher is None and distill.soft_targets is None:
         raise TrainingError("distillation (alpha > 0) needs a teacher or precomputed soft targets")
     if distill.soft_targets is not None and len(distill.soft_targets) != len(data.train):
@@ -237,6 +238,7 @@ def fit(
         "seed": seed,
         "alpha": distill.alpha,
         "temperature": distill.temperature,
+        **({"kd_loss": distill.kd_loss} if distill.alpha > 0 and distill.kd_loss != "hinton" else {}),
         "val_images": len(data.val) if data.val is not None else 0,  # the split is part of what a resume continues
         **({"taught_by": distill.taught_by} if distill.taught_by else {}),  # resuming with another teacher fails
     }

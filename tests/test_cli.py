@@ -71,7 +71,7 @@ def test_smoke_pipeline_and_evaluate(smoke_run, tmp_path):
     assert result.exit_code == 0, result.output
     again = json.loads(out.read_text())["student"]
     assert again["top1"] == results["student"]["top1"]  # deterministic evaluation
-    assert "student" in result.output and "mobilenet_v2" in result.output
+    assert "student" in result.output and "mobilenet_v2_os16" in result.output
 
 
 def test_pipeline_resume_keeps_what_is_up_to_date(smoke_run, tmp_path):

@@ -10,7 +10,7 @@ from kdq.data import (
     augment,
     batch_crop,
     batch_flip,
-    load_cifar10,
+    load_cifar,
     load_digits,
     load_image_folder,
     read_cifar_batch,
@@ -82,26 +82,26 @@ def test_cifar_parser_reads_generated_batches(tmp_path):
 
 
 def test_cifar_tree_loads_without_verification(fake_cifar):
-    ds = load_cifar10(fake_cifar, verify=False)
+    ds = load_cifar("cifar10", fake_cifar, verify=False)
     assert len(ds.train) == 40 and len(ds.test) == 8 and ds.classes[0] == "airplane"
 
 
 def test_cifar_md5_mismatch_is_a_one_line_error(fake_cifar):
     with pytest.raises(DataError, match="md5 mismatch") as e:
-        load_cifar10(fake_cifar)  # generated files cannot match the real sums
+        load_cifar("cifar10", fake_cifar)  # generated files cannot match the real sums
     assert "\n" not in str(e.value) and "re-download" in str(e.value)
 
 
 def test_cifar_missing_folder_says_what_to_do(tmp_path):
     with pytest.raises(DataError, match="--download"):
-        load_cifar10(tmp_path)
+        load_cifar("cifar10", tmp_path)
 
 
 def test_cifar_truncated_batch_is_refused(fake_cifar):
     path = fake_cifar / "cifar-10-batches-py" / "data_batch_1"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(DataError, match="not a readable CIFAR-10 batch"):
-        load_cifar10(fake_cifar, verify=False)
+    with pytest.raises(DataError, match="not a readable CIFAR batch"):
+        load_cifar("cifar10", fake_cifar, verify=False)
 
 
 def test_cifar_batch_that_would_run_code_is_refused(tmp_path):

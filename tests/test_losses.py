@@ -72,3 +72,39 @@ def test_soft_term_is_the_per_sample_mean_over_a_batch():
         per_sample.append(sum(q * math.log(q / p) for p, q in zip(ps, pt, strict=True)))
     soft = KDLoss(1.0, T)(s, torch.zeros(3, dtype=torch.long), t)[1]
     assert soft.item() == pytest.approx(T * T * sum(per_sample) / 3, rel=1e-5)
+
+
+def _softmax(row: list[float], t: float) -> list[float]:
+    e = [math.exp(v / t) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+
+def test_dist_matches_hand_computation():
+    """DIST = T^2 * [(1 - mean over images of Pearson across classes) + (1 - mean over classes of Pearson
+    across images)] of the softened probabilities, blended with CE by alpha like Hinton's term."""
+    s = [[1.0, 2.0, 0.5], [0.3, -1.0, 2.2]]
+    t = [[0.2, 3.0, -1.0], [1.5, 0.1, 0.4]]
+    T, alpha = 2.0, 0.6
+    ps, pt = [_softmax(r, T) for r in s], [_softmax(r, T) for r in t]
+    inter = 1 - sum(_pearson(a, b) for a, b in zip(ps, pt, strict=True)) / 2
+    columns = lambda p: [[row[c] for row in p] for c in range(3)]  # noqa: E731
+    intra = 1 - sum(_pearson(a, b) for a, b in zip(columns(ps), columns(pt), strict=True)) / 3
+    y = torch.tensor([1, 2])
+    total, soft, hard = KDLoss(alpha, T, kind="dist")(torch.tensor(s), y, torch.tensor(t))
+    assert soft.item() == pytest.approx(T * T * (inter + intra), rel=1e-5)
+    assert total.item() == pytest.approx(alpha * soft.item() + (1 - alpha) * F.cross_entropy(torch.tensor(s), y).item())
+
+
+def test_dist_is_zero_for_the_teacher_itself_and_positive_for_another():
+    s, t = torch.randn(16, 10), torch.randn(16, 10)
+    loss = KDLoss(1.0, 1.0, kind="dist")
+    assert loss(s, torch.zeros(16, dtype=torch.long), s)[1].item() == pytest.approx(0.0, abs=1e-5)
+    assert loss(s, torch.zeros(16, dtype=torch.long), t)[1].item() > 0.5
+    with pytest.raises(ValueError, match="unknown KD loss 'dkd'"):
+        KDLoss(kind="dkd")

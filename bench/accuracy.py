@@ -1,0 +1,271 @@
+"""`make bench-accuracy`: the seed's table, measured on Fashion-MNIST's 10,000 real test images.
+
+    uv run --frozen python -m bench.accuracy                  # CPU budget: 5,000 training images, 3 seeds, ~75 min
+    uv run --frozen python -m bench.accuracy --full           # the fashion-mnist preset on all 60,000 (a GPU's job)
+
+Method. Every model is trained by kdq's own stages (`kdq.recipes`), with the preset's validation split (10% of
+the training images, stratified by seed) choosing each model's epoch; the numbers are top-1 on the whole test
+split, which no stage reads. The CPU budget trains on a fixed stratified subset of 5,000 training images
+(`Preset.train_subset`, the same images for every seed) with the `fashion-mnist` preset's recipe shortened:
+- teacher: a CIFAR ResNet-20 (one seed: every student of a seed is taught by the same teacher);
+- per seed (default 3): the no-KD baseline, Hinton KD with offline soft targets (teacher logits on unaugmented
+  images), Hinton KD online (the teacher sees the student's augmented batch), DIST offline (Huang et al. 2022);
+- seed 0's offline KD student, made int8 for x86 by QAT-KD (the preset's QAT recipe) and by PTQ;
+- both student layouts (output stride 16 and 8), seed 0's baseline recipe: float and PTQ int8 accuracy;
+- ONNX Runtime int8 latency, batch 1 and 64, 1 thread, interleaved rounds, median of the rounds' medians.
+KD gain = KD student minus baseline of the same seed (same split, same initialisation), mean ± std over seeds;
+int8 drop = float minus int8 accuracy of the same model. Stages are resumable: an interrupted run continues
+from its checkpoints (`--out-dir`). Prints the table; writes bench/results/accuracy-fashion-mnist-<time>.json
+(and -latest.json), which README's tables are generated from (`python -m bench.readme`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import environment, finish, print_table, write_results
+from kdq import checkpoint as ck
+from kdq.config import Optim, Preset, get_preset, with_overrides
+from kdq.data import Normalize, load_dataset
+from kdq.evaluate import median_ms, predict_logits, state_dict_bytes
+from kdq.export import export_onnx
+from kdq.int8run import ort_session
+from kdq.models import count_parameters
+from kdq.parity import batched, ort_runner
+from kdq.quant import int8_model, is_quantized
+from kdq.recipes import RunOptions, quantize_static, train_student, train_teacher
+from kdq.train import CHECKPOINT
+
+RESULTS_NAME = "accuracy-fashion-mnist"
+ONNX_OPSET = 17
+
+
+def budget_preset(subset: int, teacher_epochs: int, student_epochs: int) -> Preset:
+    """The fashion-mnist preset, shortened to fit 2 CPU cores: a subset, a ResNet-20 teacher, fewer epochs."""
+    p = get_preset("fashion-mnist")
+    return with_overrides(
+        p,
+        name="fashion-mnist-budget",
+        train_subset=subset,
+        teacher="resnet20",
+        teacher_optim=Optim(epochs=teacher_epochs, lr=0.1, batch_size=64),
+        student_optim=Optim(epochs=student_epochs, lr=0.1, batch_size=64),
+        quant=with_overrides(p.quant, qat_optim=Optim(epochs=2, lr=0.01, batch_size=64, schedule="cosine")),
+    )
+
+
+class Bench:
+    def __init__(self, preset: Preset, out_dir: Path, data_dir: Path):
+        self.preset, self.out = preset, out_dir
+        self.opts = RunOptions(data_dir=data_dir, resume=True)
+        self.test = load_dataset(preset.dataset, data_dir).test
+        self.seconds: dict[str, float] = {}
+
+    def timed(self, name: str, make):
+        t0 = time.perf_counter()
+        path = make()
+        self.seconds[name] = time.perf_counter() - t0
+        print(f"[bench.accuracy] {name}: {self.seconds[name]:.0f} s", file=sys.stderr)
+        return path
+
+    def student(self, name: str, seed: int, **changes) -> Path:
+        online = changes.pop("online", False)
+        preset = with_overrides(self.preset, seed=seed, **changes)
+        run = self.out / f"seed{seed}"
+        teacher = self.out / "teacher" / CHECKPOINT
+        return self.timed(
+            f"{name} seed {seed}",
+            lambda: train_student(preset, run, self.opts, stage=name, teacher_path=teacher, online=online),
+        )
+
+    def accuracy(self, path: Path) -> float:
+        ckpt = ck.load_checkpoint(path)
+        model = int8_model(ckpt, path) if is_quantized(ckpt) else ck.model_from_checkpoint(ckpt, path).eval()
+        with torch.no_grad():
+            logits = predict_logits(model, self.test.images, Normalize(**ckpt[ck.NORMALIZATION]))
+        return float((logits.argmax(1) == self.test.labels).float().mean())
+
+    def int8(self, path: Path, mode: str) -> Path:
+        """seed's int8 model of the float checkpoint `path`: PTQ (calibrated) or QAT-KD (fine-tuned)."""
+        if mode == "ptq":
+            out = path.parent.parent / f"{path.parent.name}_ptq.pt"
+            if not out.exists():
+                p = self.preset.quant
+                self.timed(f"ptq {path.parent.name}", lambda: quantize_static(path, out, self.opts, p.backend,
+                                                                              p.calibration_batches))  # fmt: skip
+            return out
+        run = path.parent.parent
+        return self.timed(
+            "qat",
+            lambda: train_student(
+                self.preset,
+                run,
+                self.opts,
+                stage="kd_offline_qat",
+                qat=True,
+                init=path,
+                teacher_path=self.out / "teacher" / CHECKPOINT,
+            ),  # fmt: skip
+        )
+
+    def ort(self, path: Path, rounds: int) -> dict:
+        """ORT int8 test accuracy and latency (1 thread, batch 1 and 64) of an int8 checkpoint."""
+        ckpt = ck.load_checkpoint(path)
+        model = int8_model(ckpt, path)
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx = Path(tmp) / "model.onnx"
+            export_onnx(model, onnx, ONNX_OPSET)
+            session = ort_session(str(onnx))
+            x = Normalize(**ckpt[ck.NORMALIZATION])(self.test.images).contiguous().numpy()
+            top1 = float((batched(ort_runner(session), x).argmax(1) == self.test.labels.numpy()).mean())
+            latency = {}
+            for batch in (1, 64):
+                step = lambda xb=x[:batch]: session.run(None, {"input": xb})  # noqa: E731
+                runs = [median_ms(step, 3, 30 if batch == 1 else 5) for _ in range(rounds)]
+                latency[f"b{batch}"] = float(np.median(runs))
+            size = onnx.stat().st_size
+        return {"ort_int8_top1": top1, "ort_int8_ms": latency, "onnx_bytes": size,
+                "int8_bytes": state_dict_bytes(model)}  # fmt: skip
+
+
+def describe(path: Path) -> dict:
+    ckpt = ck.load_checkpoint(path)
+    model = ck.model_from_checkpoint(ckpt, path)
+    return {
+        "arch": ckpt[ck.ARCH]["name"],
+        "parameters": count_parameters(model),
+        "fp32_bytes": state_dict_bytes(model),
+        "selected_epoch": ckpt.get(ck.SELECTED_EPOCH),
+        "epochs": ckpt[ck.EPOCH],
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    preset = get_preset("fashion-mnist") if args.full else budget_preset(args.subset, args.teacher_epochs, args.epochs)
+    bench = Bench(preset, args.out_dir, args.data_dir)
+    teacher = bench.timed("teacher", lambda: train_teacher(preset, args.out_dir, bench.opts))
+    models: dict[str, dict] = {"teacher": {**describe(teacher), "top1": [bench.accuracy(teacher)]}}
+    variants = {
+        "baseline": dict(alpha=0.0),
+        "kd_offline": dict(online=False),
+        "kd_online": dict(online=True),
+        "dist_offline": dict(kd_loss="dist", online=False),
+    }
+    paths: dict[str, dict[int, Path]] = {name: {} for name in variants}
+    for seed in range(args.seeds):  # seed by seed: a cut-short run still has complete seeds
+        for name, changes in variants.items():
+            paths[name][seed] = bench.student(name, seed, **changes)
+        if seed == 0:
+            paths["baseline_os8"] = {0: bench.student("baseline_os8", 0, alpha=0.0, student="mobilenet_v2_os8")}
+    for name, by_seed in paths.items():
+        models[name] = {**describe(by_seed[0]), "top1": [bench.accuracy(p) for p in by_seed.values()]}
+    int8 = {
+        "kd_offline_qat": bench.int8(paths["kd_offline"][0], "qat"),
+        "kd_offline_ptq": bench.int8(paths["kd_offline"][0], "ptq"),
+        "baseline_ptq": bench.int8(paths["baseline"][0], "ptq"),
+        "baseline_os8_ptq": bench.int8(paths["baseline_os8"][0], "ptq"),
+    }
+    for name, path in int8.items():
+        source = name.rsplit("_", 1)[0]
+        models[name] = {"arch": models[source]["arch"], "parameters": models[source]["parameters"],
+                        "float_model": source, "top1": [bench.accuracy(path)],
+                        **bench.ort(path, args.rounds)}  # fmt: skip
+    return {"preset": preset.to_dict(), "full": args.full, "seeds": args.seeds, "test_images": len(bench.test),
+            "models": models, "stage_seconds": bench.seconds}  # fmt: skip
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary_rows(result: dict) -> list[list[str]]:
+    """The seed's table: one row per model, accuracy as mean ± std over seeds (README and the console)."""
+    m = result["models"]
+    base = m["baseline"]["top1"]
+    rows = []
+    labels = {
+        "teacher": "teacher (ResNet)",
+        "baseline": "student, no KD (baseline)",
+        "kd_offline": "student, Hinton KD offline",
+        "kd_online": "student, Hinton KD online",
+        "dist_offline": "student, DIST KD offline",
+        "kd_offline_qat": "student int8, QAT-KD (x86)",
+        "kd_offline_ptq": "student int8, PTQ of KD student (x86)",
+    }
+    for name, label in labels.items():
+        r = m[name]
+        acc, std = _mean_std(r["top1"])
+        gain = drop = "—"
+        if name in ("kd_offline", "kd_online", "dist_offline"):
+            g = [100 * (k - b) for k, b in zip(r["top1"], base, strict=False)]
+            gm, gs = _mean_std(g)
+            gain = f"{gm:+.2f} ± {gs:.2f} pt"
+        if "float_model" in r:
+            drop = f"{100 * (m[r['float_model']]['top1'][0] - r['top1'][0]):.2f} pt"
+        size = r.get("int8_bytes", r.get("fp32_bytes"))
+        lat = f"{r['ort_int8_ms']['b1']:.2f} / {r['ort_int8_ms']['b64']:.1f}" if "ort_int8_ms" in r else "—"
+        rows.append([label, r["arch"], f"{100 * acc:.2f} ± {100 * std:.2f} (n={len(r['top1'])})",
+                     f"{r['parameters'] / 1e6:.2f} M", f"{size / 1e6:.2f}", lat, gain, drop])  # fmt: skip
+    return rows
+
+
+SUMMARY_HEADER = ["model", "arch", "test acc % (mean ± std)", "params", "size MB", "ORT int8 ms b1 / b64",
+                  "KD gain vs baseline", "int8 drop"]  # fmt: skip
+
+
+def layout_rows(result: dict) -> list[list[str]]:
+    m = result["models"]
+    rows = []
+    for float_name in ("baseline", "baseline_os8"):
+        f, q = m[float_name], m[f"{float_name}_ptq"]
+        rows.append([f["arch"], f"{100 * f['top1'][0]:.2f}", f"{100 * q['top1'][0]:.2f}",
+                     f"{100 * q['ort_int8_top1']:.2f}", f"{q['ort_int8_ms']['b1']:.2f}",
+                     f"{q['ort_int8_ms']['b64']:.1f}"])  # fmt: skip
+    return rows
+
+
+LAYOUT_HEADER = ["student layout", "float acc %", "PTQ int8 acc % (PyTorch)", "PTQ int8 acc % (ORT)",
+                 "ORT int8 ms b1", "ORT int8 ms b64"]  # fmt: skip
+
+
+def show(result: dict) -> None:
+    n = result["test_images"]
+    print_table(f"Fashion-MNIST, {n} test images (seed 0 = first of n)", SUMMARY_HEADER, summary_rows(result))
+    print_table("Student layouts, baseline recipe, seed 0", LAYOUT_HEADER, layout_rows(result))
+    total = sum(result["stage_seconds"].values())
+    print(f"\nwall time: {total / 60:.1f} min of training and calibration (per stage in the JSON)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="dataset root (Debian's files otherwise)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench-accuracy"), help="run folder (resumable)")
+    parser.add_argument("--full", action="store_true", help="the fashion-mnist preset on all 60,000 (GPU)")
+    parser.add_argument("--subset", type=int, default=5000, help="training images of the CPU budget")
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10, help="student epochs of the CPU budget")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    env = environment()
+    t0 = time.perf_counter()
+    result = run(args)
+    env["seconds"] = time.perf_counter() - t0
+    show(result)
+    print(f"-> {write_results(RESULTS_NAME, {'environment': finish(env), **result})}")
+
+
+if __name__ == "__main__":
+    main()
