@@ -4,18 +4,21 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen
 PRESET ?= demo
 
-.PHONY: setup demo test lint format bench clean help train-remote image services
+.PHONY: setup demo test lint format bench bench-accuracy clean help train-remote image services
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup:  ## Install uv (with pip) if missing, then the locked environment in .venv; qemu-user (Debian, root) if missing
+setup:  ## Install uv (with pip) if missing, then the locked environment in .venv; Debian packages (as root) if missing
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
 	@$(UV) sync --frozen --quiet
-	@# The x86 certificate runs ONNX Runtime's AVX2 kernels under qemu on VNNI CPUs (kdq/cpu.py).
-	@command -v qemu-x86_64 >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	@# qemu-user: the x86 certificate runs ONNX Runtime's AVX2 kernels under qemu on VNNI CPUs (kdq/cpu.py).
+	@# dataset-fashion-mnist: Fashion-MNIST offline (/usr/share/datasets/fashion-mnist; kdq/data.py).
+	@missing=""; command -v qemu-x86_64 >/dev/null 2>&1 || missing="qemu-user"; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		qemu-user >/dev/null; } || echo "make: install Debian's qemu-user to certify the AVX2 int8 path" >&2
+		$$missing >/dev/null; } || echo "make: install Debian's$$missing (AVX2 int8 certificate, Fashion-MNIST offline)" >&2
 
 demo: setup  ## The whole job offline on the embedded digits dataset: teacher, baseline, KD student, table
 	$(RUN) kdq pipeline --preset $(PRESET) --run-dir runs/$(PRESET) --resume
@@ -33,6 +36,9 @@ format: setup  ## Apply ruff's fixes and formatting
 
 bench: setup  ## Benchmarks (bench/): training img/s, inference latency, MAC floor; BENCH_ARGS=... -> bench/results/
 	$(RUN) python -m bench $(BENCH_ARGS)
+
+bench-accuracy: setup  ## Fashion-MNIST, 10k test images: teacher, baseline, KD (3 seeds), DIST, int8 (~75 min on 2 cores)
+	$(RUN) python -m bench.accuracy $(BENCH_ARGS)
 
 clean:  ## Remove run outputs (keeps .venv)
 	rm -rf runs

@@ -154,7 +154,7 @@ def teacher(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-teacher)
-        preset: kdq recipe (demo, cifar10)
+        preset: kdq recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
         epochs: epochs (None: the preset's)
@@ -215,7 +215,7 @@ def distill(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-distill)
-        preset: kdq recipe (demo, cifar10)
+        preset: kdq recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
         teacher: teacher checkpoint (None: RUN_DIR/teacher/checkpoint.pt)
@@ -314,8 +314,9 @@ def pipeline(
 ) -> specs.AppDef:
     """
     One job, the stages of `kdq pipeline`: teacher -> soft targets -> baseline -> KD student -> QAT-KD student
-    (from the KD student) -> evaluation -> certified export -> report. Training steps use every process; the
-    others run once, on the first node. With resume (default), a retried job skips finished work.
+    (from the KD student) -> evaluation -> certified export -> report (which states whether the teacher was ahead
+    of the baseline). Training steps use every process; the others run once, on the first node. With resume
+    (default), a retried job skips finished work.
 
     Args:
         kdq_args: extra options for the student trainings (baseline, student, QAT), passed verbatim (after --)
@@ -330,7 +331,7 @@ def pipeline(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-pipeline)
-        preset: kdq recipe (demo, cifar10)
+        preset: kdq recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
         teacher_epochs: teacher epochs (None: the preset's)

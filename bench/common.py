@@ -15,6 +15,7 @@ import platform
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -88,17 +89,34 @@ def finish(env: dict) -> dict:
     return env
 
 
-def print_table(title: str, header: list[str], rows: list[list], note: str | None = None) -> None:
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+class Table(NamedTuple):
+    """One result table: printed by the benchmark, and rendered into README by `python -m bench.readme`."""
+
+    title: str
+    header: list[str]
+    rows: list[list]
+    note: str | None = None
+
+
+def print_table(table: Table) -> None:
+    cells = [[str(c) for c in table.header]] + [[str(c) for c in r] for r in table.rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(table.header))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
-    print(f"\n{title}")
+    print(f"\n{table.title}")
     print(line(cells[0]))
     print("  ".join("-" * w for w in widths))
     for r in cells[1:]:
         print(line(r))
-    if note:
-        print(note)
+    if table.note:
+        print(table.note)
+
+
+def markdown_table(table: Table) -> str:
+    """The table as GitHub Markdown: its title in bold, the grid, its note."""
+    row = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+    lines = [f"**{table.title}**", "", row(table.header), row(["---"] * len(table.header))]
+    lines += [row(r) for r in table.rows]
+    return "\n".join(lines + (["", table.note] if table.note else []))
 
 
 def write_results(name: str, results: dict, out_dir: Path = RESULTS) -> Path:

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import RESULTS, cpu_info, environment, finish, print_table, write_results
+from bench.common import RESULTS, Table, cpu_info, environment, finish, print_table, write_results
 from kdq.models import build_model
 
 
@@ -154,40 +154,54 @@ def measure(inference: dict | None = None, threads: tuple[int, ...] = (1, 2)) ->
     return result
 
 
-def show(result: dict) -> None:
-    m, p, bound = result["macs"], result["peak"], result["bound_gmacs"]
-    arch = result["model"]
-    print(
-        f"\nFloor: {arch['name']} {arch.get('kwargs') or ''}: {m['macs_per_image'] / 1e6:.2f} M MACs per image "
-        f"({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in m['per_op'].items())})"
-    )
-    print(f"Peak derivation: {p['derivation']}")
-    print_table(
-        "Peak GMAC/s: theoretical at the reported clock, measured GEMM (best of 8, 1536^3), and the bound used",
-        ["precision", "threads", "theoretical", "GEMM", "GEMM implies GHz", "bound"],
-        [
-            [prec, t, f"{b['theoretical']:.1f}", f"{b['gemm']:.1f}", f"{b['implied_ghz']:.2f}", f"{b['used']:.1f}"]
-            for prec, by_threads in bound.items()
-            for t, b in by_threads.items()
-        ],
-    )
-    if result.get("rows"):
-        print_table(
-            "Latency against the floor (floor = batch x MACs / bound; 100% = running at the bound)",
-            ["runtime", "precision", "batch", "threads", "ms", "floor ms", "floor / ms"],
+def tables(result: dict) -> list[Table]:
+    bound = result["bound_gmacs"]
+    out = [
+        Table(
+            "Peak GMAC/s: theoretical at the reported clock, measured GEMM (best of 8, 1536^3), and the bound used",
+            ["precision", "threads", "theoretical", "GEMM", "GEMM implies GHz", "bound"],
             [
-                [
-                    r["runtime"],
-                    r["precision"],
-                    r["batch"],
-                    r["threads"],
-                    f"{r['ms']:.3f}",
-                    f"{r['floor_ms']:.3f}",
-                    f"{r['fraction_of_floor']:.1%}",
-                ]
-                for r in result["rows"]
+                [prec, t, f"{b['theoretical']:.1f}", f"{b['gemm']:.1f}", f"{b['implied_ghz']:.2f}", f"{b['used']:.1f}"]
+                for prec, by_threads in bound.items()
+                for t, b in by_threads.items()
             ],
         )
+    ]
+    if result.get("rows"):
+        out.append(
+            Table(
+                "Latency against the floor (floor = batch x MACs / bound; 100% = running at the bound)",
+                ["runtime", "precision", "batch", "threads", "ms", "floor ms", "floor / ms"],
+                [
+                    [
+                        r["runtime"],
+                        r["precision"],
+                        r["batch"],
+                        r["threads"],
+                        f"{r['ms']:.3f}",
+                        f"{r['floor_ms']:.3f}",
+                        f"{r['fraction_of_floor']:.1%}",
+                    ]
+                    for r in result["rows"]
+                ],  # fmt: skip
+            )
+        )
+    return out
+
+
+def summary(result: dict) -> str:
+    m, arch = result["macs"], result["model"]
+    return (
+        f"Floor: {arch['name']} {arch.get('kwargs') or ''}: {m['macs_per_image'] / 1e6:.2f} M MACs per image "
+        f"({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in m['per_op'].items())}). "
+        f"Peak derivation: {result['peak']['derivation']}"
+    )
+
+
+def show(result: dict) -> None:
+    print(f"\n{summary(result)}")
+    for table in tables(result):
+        print_table(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import print_table, run_alone
+from bench.common import Table, print_table, run_alone
 from kdq import checkpoint as ck
 from kdq.artifacts import ARTIFACTS, load_target
 from kdq.config import get_preset
@@ -37,7 +37,7 @@ RUNTIMES = ("pytorch", "torchscript", "onnxruntime")
 
 
 def untrained_int8_student(work: Path, calibration_batches: int = 8) -> Path:
-    """A fresh MobileNetV2 student (the cifar10 preset's: width 1.0, 10 classes) quantized by kdq for x86."""
+    """A fresh MobileNetV2 student (the demo preset's mobilenet_v2_os16, width 1.0, 10 classes), x86 PTQ by kdq."""
     preset = get_preset("demo")  # digits: ships with scikit-learn, so calibration needs no download
     data = load_dataset(preset.dataset)
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def measure(checkpoint: Path | None, rounds: int, runs: int, warmup: int, thread
     }
 
 
-def show(result: dict) -> None:
+def tables(result: dict) -> list[Table]:
     rows = result["latency"]
     cells = list(dict.fromkeys((r["batch"], r["threads"]) for r in rows))
     ms = {(r["runtime"], r["precision"], r["batch"], r["threads"]): r["ms"] for r in rows}
@@ -134,20 +134,20 @@ def show(result: dict) -> None:
         if (rt, p, *cells[0]) in ms
     ]
     g = result["grid"]
-    print_table(
+    latency = Table(
         f"Inference latency (ms, best of {g['rounds']} rounds of medians; {g['runs']} runs at batch 1, "
         f"{g['batch_64_runs']} at batch 64)",
         header,
         table,
     )
     speed = result["speedup_int8_vs_fp32"]
-    print_table(
+    speedup = Table(
         "int8 vs fp32 speedup (fp32 ms / int8 ms, same runtime, same run)",
         ["runtime"] + [f"b{b} {t}t" for b, t in cells],
         [[rt] + [f"{speed[f'{rt}_b{b}_t{t}']:.2f}x" for b, t in cells] for rt in RUNTIMES],
     )
     ort = result["ort_speedup_vs"]
-    print_table(
+    ort_vs = Table(
         "ONNX Runtime vs PyTorch / TorchScript (their ms / ORT ms, same run; > 1: ORT faster)",
         ["vs", "precision"] + [f"b{b} {t}t" for b, t in cells],
         [
@@ -157,11 +157,17 @@ def show(result: dict) -> None:
         ],
     )
     sizes = result["sizes_bytes"]
-    print_table(
+    size = Table(
         "Model size (MB)",
         ["precision", "state_dict", "TorchScript", "ONNX"],
         [[p, *(f"{s[k] / 1e6:.2f}" for k in ("state_dict", "torchscript", "onnx"))] for p, s in sizes.items()],
     )
+    return [latency, speedup, ort_vs, size]
+
+
+def show(result: dict) -> None:
+    for table in tables(result):
+        print_table(table)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

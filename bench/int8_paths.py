@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import print_table, run_alone
+from bench.common import Table, print_table, run_alone
 from kdq import checkpoint as ck
 from kdq.config import Preset, with_overrides
 from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, avx2_emulator, environment, has_vnni
@@ -120,13 +120,13 @@ def ort_latency(int8: Path, fp32: Path, rounds: int) -> dict:
     return out
 
 
-def show(result: dict) -> None:
+def tables(result: dict) -> list[Table]:
     cols = ["fp32", "pytorch_native", "pytorch_avx2", "ort_native", "ort_native_exact", "ort_avx2"]
     ms = lambda r, k: f"{r['latency_ms'][f'int8_{k}']:.3f}/{r['latency_ms'][f'fp32_{k}']:.3f}"  # noqa: E731
     rows = [[f"{r['mode']} {r['scheme']}", *(f"{r[c]:.2%}" if c in r else "-" for c in cols), ms(r, "b1"), ms(r, "b64")]
             for r in result["rows"]]  # fmt: skip
     where = result["where"]
-    print_table(
+    table = Table(
         f"int8 accuracy by path ({result['test_samples']} test images; this CPU: {where['cpu_model']}, "
         f"{'VNNI' if result['vnni'] else 'no VNNI'})",
         ["model", *cols, "ORT ms b1 int8/fp32", "ORT ms b64 int8/fp32"],
@@ -134,6 +134,11 @@ def show(result: dict) -> None:
         "native = this CPU's own kernels; avx2 = forced (fbgemm) or emulated (ORT under qemu); "
         "exact = session.x64quantprecision=1. Latency: 1 thread, median of interleaved rounds.",
     )
+    return [table]
+
+
+def show(result: dict) -> None:
+    print_table(tables(result)[0])
 
 
 def main(argv: list[str] | None = None) -> None:

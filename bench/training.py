@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import print_table, run_alone
+from bench.common import Table, print_table, run_alone
 from kdq.checkpoint import HISTORY
 from kdq.config import Augment, Optim, get_preset
 from kdq.data import Dataset, Normalize, Split, augment, shuffled_batches
@@ -279,10 +279,10 @@ def project_cifar10(rows: list[dict], preset) -> list[dict]:
     return out
 
 
-def show(result: dict) -> None:
+def tables(result: dict) -> list[Table]:
     rows = result["rows"]
     ref = {r["role"]: r["img_s"] for r in rows if r["variant"] == SEED}
-    print_table(
+    throughput = Table(
         f"Training throughput on {result['device']} (images/s; best of {result['rounds']} rounds of a warm-up and "
         f"a timed epoch; batch {result['batch_size']}, {result['workers']} loader workers)",
         ["model", "pipeline", "img/s", "vs DataLoader+PIL", "per round"],
@@ -297,11 +297,17 @@ def show(result: dict) -> None:
             for r in rows
         ],
     )
-    print_table(
+    pipelines = Table(
         "Input pipeline alone (images/s delivered to the device, no model)",
         ["pipeline", "img/s"],
         [[k, f"{v:.0f}"] for k, v in result["pipeline_only_img_s"].items()],
     )
+    return [throughput, pipelines]
+
+
+def show(result: dict) -> None:
+    for table in tables(result):
+        print_table(table)
     for p in result.get("projection", []):
         print(
             f"cifar10 preset projected ({p['variant']}): teacher 50 epochs {p['teacher_s'] / 3600:.2f} h + "

@@ -48,7 +48,10 @@ def run_options(f):
             default=None,
             help="Run directory holding every stage's outputs  [default: runs/PRESET]",
         ),
-        data_dir_option("Dataset root (CIFAR-10 parent folder, or an image folder)."),
+        data_dir_option(
+            "Dataset root: parent of torchvision's CIFAR/FashionMNIST folders (Fashion-MNIST also from Debian's "
+            "dataset-fashion-mnist), or an image folder."
+        ),
         click.option(
             "--dataset",
             type=click.Choice(DATASETS),
@@ -56,7 +59,9 @@ def run_options(f):
             help="Dataset instead of the preset's: folder = your own class folders under --data-dir  "
             "[default: the preset's]",
         ),
-        click.option("--download", is_flag=True, help="Download the dataset (CIFAR-10) if missing, md5-verified."),
+        click.option(
+            "--download", is_flag=True, help="Download the dataset (CIFAR, Fashion-MNIST) if missing, md5-verified."
+        ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--resume", is_flag=True, help="Continue from the stage's checkpoint if there is one."),
         click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint instead of failing."),
@@ -70,17 +75,38 @@ def run_options(f):
             "choosing the best epoch and the per-epoch numbers; the test split is kept for the final evaluation. "
             "0 trains on everything, with no early stopping and the last epoch kept  [default: the preset's, 0.1]",
         ),
+        click.option(
+            "--train-subset",
+            type=int,
+            default=None,
+            help="Train on a stratified subset of this many training images (the same for every seed; drawn "
+            "before the validation split; the test split stays whole), e.g. to try a recipe on a CPU first  "
+            "[default: the preset's, 0 = all]",
+        ),
     ]
     for d in reversed(decorators):
         f = d(f)
 
     @functools.wraps(f)
     def wrapper(
-        preset, run_dir, data_dir, dataset, download, device, resume, overwrite, compile_, seed, val_fraction, **kwargs
+        preset,
+        run_dir,
+        data_dir,
+        dataset,
+        download,
+        device,
+        resume,
+        overwrite,
+        compile_,
+        seed,
+        val_fraction,
+        train_subset,
+        **kwargs,
     ):
         from kdq.recipes import RunOptions
 
         p = with_overrides(get_preset(preset), seed=seed, dataset=dataset, val_fraction=val_fraction)
+        p = with_overrides(p, train_subset=train_subset)
         opts = RunOptions(data_dir, download, device, resume, overwrite, compile_)
         return f(p, Path(run_dir or Path("runs") / p.name), opts, **kwargs)
 

@@ -63,7 +63,7 @@ class Quant:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    dataset: str  # "digits", "cifar10" or "folder"
+    dataset: str  # a name from DATASETS
     teacher: str  # a name from kdq.models.TEACHERS
     student: str = "mobilenet_v2_os16"
     student_width: float = 1.0

@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import hashlib
 import pickle
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,9 @@ def split_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
 
 
 def subset_training(data: Dataset, size: int) -> Dataset:
-    """A stratified subset of `size` training images, the same whatever the seed (so every seed of a benchmark
-    trains on the same images); the test split is untouched."""
+    """A class-balanced subset of `size` training images (round-robin over the classes, in an order fixed once,
+    so that every seed of a benchmark trains on the same images); the test split is untouched. A class with
+    fewer images than its share gives way to the others."""
     if not 0 < size <= len(data.train):
         raise DataError(f"train_subset must be in 1..{len(data.train)}, got {size}")
     if size == len(data.train):
@@ -233,16 +235,21 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get inst
 
 def _read_idx(path: Path, verify: bool) -> np.ndarray:
     """An idx file (uint8 payload), plain or gzipped, checked against the md5 of its decompressed bytes."""
+    fix = (
+        "reinstall it: apt-get install --reinstall dataset-fashion-mnist"
+        if path.parent == DEBIAN_FASHION_MNIST
+        else "delete it and re-download (--download)"
+    )
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: not a readable idx file ({e}); delete it and re-download") from e
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable idx file ({e}); {fix}") from e
     expected = FASHION_MNIST_IDX_MD5[path.name.removesuffix(".gz")]
     if verify and hashlib.md5(raw).hexdigest() != expected:
-        raise DataError(f"{path}: md5 mismatch of its idx bytes (truncated, corrupt or modified); re-download")
+        raise DataError(f"{path}: md5 mismatch of its idx bytes (truncated, corrupt or modified); {fix}")
     ndim = raw[3] if len(raw) > 4 and raw[:3] == b"\0\0\x08" else 0  # magic: 0, 0, 0x08 (uint8), ndim
-    if not ndim:
-        raise DataError(f"{path}: not a uint8 idx file")
+    if not ndim or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: not a uint8 idx file; {fix}")
     shape = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
     payload = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(shape)):

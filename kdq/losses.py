@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,11 +31,17 @@ def dist_soft_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     inter-class term asks each image's ranking of the classes to correlate with the teacher's, the intra-class
     term asks each class's ranking of the batch's images to. Being invariant to the scale and shift of the
     teacher's outputs, it holds up when the teacher is much stronger than the student (Huang et al. 2022 report
-    +0.5-1 pt over KL on CIFAR-100 and ImageNet). The relation weights are the paper's beta = gamma = 1.
+    +0.5-1 pt over KL on CIFAR-100 and ImageNet). Inter and intra weigh the same (the paper's beta = gamma); the
+    sum is blended with cross-entropy by kdq's alpha like Hinton's term, where the paper adds it to CE.
+
+    Under torchrun each process holds a slice of the batch: the intra-class term gathers every rank's
+    probabilities first (with autograd), so N processes compute the one-process loss.
     """
     t = temperature
     p_s, p_t = F.softmax(student / t, dim=1), F.softmax(teacher / t, dim=1)
     inter = 1 - _pearson_rows(p_s, p_t).mean()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        p_s, p_t = torch.cat(dist_nn.all_gather(p_s)), torch.cat(dist_nn.all_gather(p_t))
     intra = 1 - _pearson_rows(p_s.T, p_t.T).mean()
     return (inter + intra) * (t * t)
 

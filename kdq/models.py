@@ -102,8 +102,13 @@ def _relu6_to_relu(module: nn.Module) -> None:
             _relu6_to_relu(child)
 
 
+# Checkpoints written before the two student layouts had names call the output-stride-16 one this.
+LEGACY_NAMES = {"mobilenet_v2": "mobilenet_v2_os16"}
+
+
 def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     """Build a teacher (`resnet*`) or a student (`mobilenet_v2_os16`, `mobilenet_v2_os8`) by name."""
+    arch = LEGACY_NAMES.get(arch, arch)
     if arch in RESNETS:
         return cifar_resnet(arch, num_classes, **kwargs)
     if arch in CIFAR_RESNETS:

@@ -84,7 +84,12 @@ class TeacherNotAheadError(KdqError):
 def check_teacher_ahead(run_dir: Path, required: bool) -> dict | None:
     """Compare RUN/teacher's and RUN/baseline's best validation accuracy; warn (or raise) when the teacher is not
     ahead. None when there is no validation split to compare on."""
-    histories = {s: json.loads((run_dir / s / HISTORY_JSON).read_text()) for s in ("teacher", "baseline")}
+    histories = {}
+    for stage in ("teacher", "baseline"):
+        path = run_dir / stage / HISTORY_JSON
+        if not path.is_file():
+            raise KdqError(f"{path} not found: the teacher and the baseline must be trained before distilling")
+        histories[stage] = json.loads(path.read_text())
     lead = teacher_lead(histories)
     if lead is None:
         print("[pipeline] no validation split: teacher vs baseline not compared", file=sys.stderr)

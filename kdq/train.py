@@ -207,29 +207,12 @@ def fit(
     is an error unless `overwrite`.
     """
     out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT
-    if optim.epochs <= 0:
-        raise TrainingError(f"epochs must be > 0, got {optim.epochs}")
-    if optim.batch_size <= 0 or optim.batch_size > len(data.train):
-        raise TrainingError(f"batch size {optim.batch_size} must be in 1..{len(data.train)} (the training set size)")
-    if optim.batch_size % rt.world_size:
-        raise TrainingError(f"batch size {optim.batch_size} is not divisible by {rt.world_size} processes")
-    if ckpt_path.exists() and not (resume or overwrite):
-        raise TrainingError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to replace it")
     distill = distill or Distill(alpha=0.0)
-    criterion = KDLoss(distill.alpha, distill.temperature, optim.label_smoothing, distill.kd_loss)
-    if distill.alpha > 0 and distill.teacher is None and distill.soft_targets is None:
-        raise TrainingError("distillation (alpha > 0) needs a teacher or precomputed soft targets")
-    if distill.soft_targets is not None and len(distill.soft_targets) != len(data.train):
-        raise TrainingError(
-            f"soft targets cover {len(distill.soft_targets)} images, the training set has {len(data.train)}"
-        )
-    mixing = aug.cutmix_alpha > 0 or aug.mixup_alpha > 0
-    if mixing and distill.alpha > 0 and distill.teacher is None:
-        raise TrainingError("CutMix/MixUp change the images the teacher must see: use online distillation")
+    criterion = KDLoss(distill.alpha, distill.temperature, optim.label_smoothing, distill.kd_loss)  # checks them
+    _check_settings(data, optim, aug, distill, rt, out_dir / CHECKPOINT, resume or overwrite)
     if rt.is_main:  # only rank 0 writes; fail now, not after the first epoch
         check_writable(out_dir)
-        remove_stale_temps(ckpt_path)  # left by a run killed while writing
+        remove_stale_temps(out_dir / CHECKPOINT)  # left by a run killed while writing
         remove_stale_temps(out_dir / HISTORY_JSON)
     recipe = {
         "arch": arch,
@@ -240,30 +223,11 @@ def fit(
         "temperature": distill.temperature,
         **({"kd_loss": distill.kd_loss} if distill.alpha > 0 and distill.kd_loss != "hinton" else {}),
         "val_images": len(data.val) if data.val is not None else 0,  # the split is part of what a resume continues
+        **({"train_images": len(data.train)} if preset.get("train_subset") else {}),  # ... and so is a subset
         **({"taught_by": distill.taught_by} if distill.taught_by else {}),  # resuming with another teacher fails
     }
-
-    dev = rt.device
     mean, std = data.normalization()
-    normalize = Normalize(mean, std, dev)
-    train_x, train_y = data.train.images.to(dev), data.train.labels.to(dev)
-    soft = distill.soft_targets.to(dev) if distill.soft_targets is not None else None
-    teacher = distill.teacher.to(dev).eval().requires_grad_(False) if distill.teacher is not None else None
-    mixer = _mixer(aug, len(data.classes)) if mixing else None
-
-    model = model.to(dev, memory_format=torch.channels_last)
-    decay, no_decay = [], []
-    for p in model.parameters():  # no weight decay on BN and bias parameters
-        (decay if p.ndim > 1 else no_decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.lr,
-        momentum=optim.momentum,
-        nesterov=True,
-    )
-    steps_per_epoch = len(data.train) // optim.batch_size
-    scheduler = make_scheduler(optimizer, optim, steps_per_epoch)
-
+    run = _TrainingRun(model, data, Normalize(mean, std, rt.device), criterion, optim, aug, distill, rt, compile)
     ckpt: dict = {
         ck.ARCH: arch,
         ck.STAGE: stage,
@@ -276,73 +240,147 @@ def fit(
         ck.RECIPE: recipe,
         **(extra or {}),
     }
-    if resume and ckpt_path.exists():
-        saved = ck.load_checkpoint(ckpt_path)
-        _check_compatible(saved, model, ckpt_path, recipe)
-        optimizer.load_state_dict(saved[ck.OPTIMIZER])
-        scheduler.load_state_dict(saved[ck.SCHEDULER])
-        torch.set_rng_state(saved[ck.RNG]["torch"])
-        if dev.type == "cuda" and "cuda" in saved[ck.RNG]:
-            torch.cuda.set_rng_state(saved[ck.RNG]["cuda"], dev)
-        ckpt.update({k: saved[k] for k in (ck.EPOCH, ck.HISTORY, ck.DONE, ck.BEST, ck.SELECTED_EPOCH) if k in saved})
-        if rt.is_main:
-            print(f"[{stage}] resuming {ckpt_path} after epoch {saved[ck.EPOCH]}", file=sys.stderr)
-
-    if rt.world_size > 1:
-        model = sync_batchnorm(model, dev)  # BN statistics over the global batch, as one process computes them
-    raw_model = model
-    if rt.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    step_model = torch.compile(model) if compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    history: list[dict] = ckpt[ck.HISTORY]
-    validated = data.val is not None  # without a validation split: no early stopping, the last epoch is kept
-    best_epoch = max(history, key=lambda h: h["val_acc"])["epoch"] if validated and history else 0
-    stale = len(history) - best_epoch
+    if resume and (out_dir / CHECKPOINT).exists():
+        run.restore(ckpt, out_dir / CHECKPOINT, stage)
+    run.wrap_for_ranks()
     for epoch in range(ckpt[ck.EPOCH], optim.epochs):
         if ckpt[ck.DONE]:
             break
-        model.train()
+        run.model.train()
         if on_epoch_start is not None:
-            on_epoch_start(raw_model, epoch)
-        gen = torch.Generator(dev).manual_seed(seed * 1_000_003 + epoch)
+            on_epoch_start(run.raw_model, epoch)
+        record = run.train_epoch(epoch, seed, stage, out_dir / CHECKPOINT)
+        _check_finite(run.raw_model, stage, epoch + 1, out_dir / CHECKPOINT)
+        _end_epoch(ckpt, record, run, out_dir, stage)
+    if ck.MODEL not in ckpt:  # resumed a finished run
+        ckpt = ck.load_checkpoint(out_dir / CHECKPOINT)
+    return ckpt
+
+
+def _check_settings(
+    data: Dataset, optim: Optim, aug: Augment, distill: Distill, rt: Runtime, ckpt_path: Path, may_exist: bool
+) -> None:
+    """Every setting that cannot train, refused before anything is loaded onto the device."""
+    if optim.epochs <= 0:
+        raise TrainingError(f"epochs must be > 0, got {optim.epochs}")
+    if optim.batch_size <= 0 or optim.batch_size > len(data.train):
+        raise TrainingError(f"batch size {optim.batch_size} must be in 1..{len(data.train)} (the training set size)")
+    if optim.batch_size % rt.world_size:
+        raise TrainingError(f"batch size {optim.batch_size} is not divisible by {rt.world_size} processes")
+    if ckpt_path.exists() and not may_exist:
+        raise TrainingError(f"{ckpt_path} exists; pass --resume to continue it or --overwrite to replace it")
+    if distill.alpha > 0 and distill.teacher is None and distill.soft_targets is None:
+        raise TrainingError("distillation (alpha > 0) needs a teacher or precomputed soft targets")
+    if distill.soft_targets is not None and len(distill.soft_targets) != len(data.train):
+        raise TrainingError(
+            f"soft targets cover {len(distill.soft_targets)} images, the training set has {len(data.train)}"
+        )
+    if (aug.cutmix_alpha > 0 or aug.mixup_alpha > 0) and distill.alpha > 0 and distill.teacher is None:
+        raise TrainingError("CutMix/MixUp change the images the teacher must see: use online distillation")
+
+
+class _TrainingRun:
+    """What one stage's training holds on the device (data, model, teacher, optimizer, schedule), and its epoch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        normalize: Normalize,
+        criterion: KDLoss,
+        optim: Optim,
+        aug: Augment,
+        distill: Distill,
+        rt: Runtime,
+        compile: bool,
+    ):
+        dev = rt.device
+        self.data, self.normalize, self.optim, self.aug, self.distill = data, normalize, optim, aug, distill
+        self.rt, self.compile, self.criterion = rt, compile, criterion
+        self.train_x, self.train_y = data.train.images.to(dev), data.train.labels.to(dev)
+        self.soft = distill.soft_targets.to(dev) if distill.soft_targets is not None else None
+        self.teacher = distill.teacher.to(dev).eval().requires_grad_(False) if distill.teacher is not None else None
+        mixing = aug.cutmix_alpha > 0 or aug.mixup_alpha > 0
+        self.mixer = _mixer(aug, len(data.classes)) if mixing else None
+        self.model = self.raw_model = model.to(dev, memory_format=torch.channels_last)
+        decay, no_decay = [], []
+        for p in model.parameters():  # no weight decay on BN and bias parameters
+            (decay if p.ndim > 1 else no_decay).append(p)
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr,
+            momentum=optim.momentum,
+            nesterov=True,
+        )
+        self.steps_per_epoch = len(data.train) // optim.batch_size
+        self.scheduler = make_scheduler(self.optimizer, optim, self.steps_per_epoch)
+        cuda = dev.type == "cuda"
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        self.step_model = self.model
+
+    def restore(self, ckpt: dict, path: Path, stage: str) -> None:
+        """Continue `path`: weights, optimizer, schedule, RNG and the run's progress (into `ckpt`)."""
+        saved = ck.load_checkpoint(path)
+        _check_compatible(saved, self.model, path, ckpt[ck.RECIPE])
+        self.optimizer.load_state_dict(saved[ck.OPTIMIZER])
+        self.scheduler.load_state_dict(saved[ck.SCHEDULER])
+        torch.set_rng_state(saved[ck.RNG]["torch"])
+        if self.rt.device.type == "cuda" and "cuda" in saved[ck.RNG]:
+            torch.cuda.set_rng_state(saved[ck.RNG]["cuda"], self.rt.device)
+        ckpt.update({k: saved[k] for k in (ck.EPOCH, ck.HISTORY, ck.DONE, ck.BEST, ck.SELECTED_EPOCH) if k in saved})
+        if self.rt.is_main:
+            print(f"[{stage}] resuming {path} after epoch {saved[ck.EPOCH]}", file=sys.stderr)
+
+    def wrap_for_ranks(self) -> None:
+        """DDP (with BN statistics over the global batch, as one process computes them) and torch.compile."""
+        if self.rt.world_size > 1:
+            self.raw_model = sync_batchnorm(self.raw_model, self.rt.device)
+            dev = self.rt.device
+            self.model = nn.parallel.DistributedDataParallel(
+                self.raw_model, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
+        self.step_model = torch.compile(self.model) if self.compile else self.model
+
+    def train_epoch(self, epoch: int, seed: int, stage: str, ckpt_path: Path) -> dict:
+        """One epoch: every rank augments the same global batch (generator seeded by (seed, epoch)), keeps its slice."""
+        rt, distill = self.rt, self.distill
+        gen = torch.Generator(rt.device).manual_seed(seed * 1_000_003 + epoch)
         t0 = time.perf_counter()
         loss_sum = soft_sum = hard_sum = correct = seen = 0.0
         bar = tqdm(
-            shuffled_batches(len(train_x), optim.batch_size, gen),
-            total=steps_per_epoch,
-            desc=f"{stage} {epoch + 1}/{optim.epochs}",
+            shuffled_batches(len(self.train_x), self.optim.batch_size, gen),
+            total=self.steps_per_epoch,
+            desc=f"{stage} {epoch + 1}/{self.optim.epochs}",
             disable=None if rt.is_main else True,
             leave=False,
             file=sys.stderr,
         )
         for idx in bar:
-            x = normalize(augment(train_x[idx], aug, gen))
-            y = train_y[idx]
+            x = self.normalize(augment(self.train_x[idx], self.aug, gen))
+            y = self.train_y[idx]
             target = y
-            if mixer is not None:
-                x, target = mixer(x, y)
+            if self.mixer is not None:
+                x, target = self.mixer(x, y)
             shard = slice(rt.rank, None, rt.world_size)
             x, y, target = x[shard], y[shard], target[shard]
-            with amp:
-                logits = step_model(x)
+            with self.amp:
+                logits = self.step_model(x)
                 with torch.no_grad():
                     t_logits = (
-                        teacher(x)
-                        if teacher is not None and distill.alpha > 0
-                        else (soft[idx][shard] if soft is not None else None)
+                        self.teacher(x)
+                        if self.teacher is not None and distill.alpha > 0
+                        else (self.soft[idx][shard] if self.soft is not None else None)
                     )
-                loss, soft_part, hard_part = criterion(logits, target, t_logits)
+                loss, soft_part, hard_part = self.criterion(logits, target, t_logits)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"[{stage}] loss became {loss.item()} in epoch {epoch + 1}; "
                     f"lower --lr (last good checkpoint kept: {ckpt_path if ckpt_path.exists() else 'none'})"
                 )
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            self.optimizer.step()
+            self.scheduler.step()
             n = len(y)
             loss_sum += loss.item() * n
             soft_sum += soft_part.item() * n
@@ -352,60 +390,68 @@ def fit(
             bar.set_postfix(loss=f"{loss.item():.3f}")
         loss_sum, soft_sum, hard_sum, correct, seen = _all_reduce([loss_sum, soft_sum, hard_sum, correct, seen], rt)
         seconds = time.perf_counter() - t0
-        record = {
+        val = self.data.val
+        return {
             "epoch": epoch + 1,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": self.scheduler.get_last_lr()[0],
             "train_loss": loss_sum / seen,
             "train_soft_loss": soft_sum / seen,
             "train_hard_loss": hard_sum / seen,
             "train_acc": correct / seen,
-            **({"val_acc": _accuracy(raw_model, data.val, normalize, rt)} if validated else {}),
+            **({"val_acc": _accuracy(self.raw_model, val, self.normalize, rt)} if val is not None else {}),
             "epoch_seconds": seconds,
             "images_per_second": seen / seconds,
         }
-        _check_finite(raw_model, stage, epoch + 1, ckpt_path)
-        history.append(record)
-        improved = validated and (not best_epoch or record["val_acc"] > history[best_epoch - 1]["val_acc"])
-        if improved:
-            best_epoch, stale = epoch + 1, 0
-            ckpt[ck.BEST] = {"epoch": best_epoch, "model": _cpu_copy(raw_model.state_dict())}
-        else:
-            stale += 1
-        done = epoch + 1 == optim.epochs or (validated and optim.patience > 0 and stale >= optim.patience)
-        ckpt.update(
-            {
-                ck.MODEL: raw_model.state_dict(),
-                ck.OPTIMIZER: optimizer.state_dict(),
-                ck.SCHEDULER: scheduler.state_dict(),
-                ck.EPOCH: epoch + 1,
-                ck.HISTORY: history,
-                ck.DONE: done,
-                ck.RNG: {
-                    "torch": torch.get_rng_state(),
-                    **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}),
-                },
-            }
-        )
-        if done and validated:  # the weights of the best validation epoch are the stage's model
-            best = ckpt.pop(ck.BEST)
-            ckpt[ck.MODEL], ckpt[ck.SELECTED_EPOCH] = best["model"], best["epoch"]
-        if rt.is_main:
-            ck.save_checkpoint(ckpt, ckpt_path)
-            save_json(history, out_dir / HISTORY_JSON)
-            val = f" val {record['val_acc']:.2%}" if validated else ""
-            print(
-                f"[{stage}] epoch {epoch + 1}/{optim.epochs} loss {record['train_loss']:.4f} "
-                f"train {record['train_acc']:.2%}{val} ({seconds:.1f}s, {record['images_per_second']:.0f} img/s)",
-                file=sys.stderr,
-            )
-            if done and epoch + 1 < optim.epochs:
-                print(f"[{stage}] early stop: no better validation accuracy for {stale} epochs", file=sys.stderr)
-            if done and validated:
-                kept = history[best_epoch - 1]["val_acc"]
-                print(f"[{stage}] keeping epoch {best_epoch} (best validation accuracy, {kept:.2%})", file=sys.stderr)
-    if ck.MODEL not in ckpt:  # resumed a finished run
-        ckpt = ck.load_checkpoint(ckpt_path)
-    return ckpt
+
+
+def _end_epoch(ckpt: dict, record: dict, run: _TrainingRun, out_dir: Path, stage: str) -> None:
+    """Book the epoch into `ckpt`: history, best validation epoch, early stopping, states; rank 0 saves it.
+
+    Without a validation split there is no early stopping and the last epoch is kept; with one, the finished
+    checkpoint holds the best validation epoch's weights (`selected_epoch`)."""
+    history: list[dict] = ckpt[ck.HISTORY]
+    history.append(record)
+    validated = "val_acc" in record
+    best = ckpt.get(ck.BEST)
+    if validated and (best is None or record["val_acc"] > history[best["epoch"] - 1]["val_acc"]):
+        best = ckpt[ck.BEST] = {"epoch": record["epoch"], "model": _cpu_copy(run.raw_model.state_dict())}
+    epochs, patience = run.optim.epochs, run.optim.patience
+    stale = record["epoch"] - best["epoch"] if validated else 0
+    done = record["epoch"] == epochs or (validated and patience > 0 and stale >= patience)
+    dev = run.rt.device
+    ckpt.update(
+        {
+            ck.MODEL: run.raw_model.state_dict(),
+            ck.OPTIMIZER: run.optimizer.state_dict(),
+            ck.SCHEDULER: run.scheduler.state_dict(),
+            ck.EPOCH: record["epoch"],
+            ck.HISTORY: history,
+            ck.DONE: done,
+            ck.RNG: {
+                "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}),
+            },
+        }
+    )
+    if done and validated:  # the weights of the best validation epoch are the stage's model
+        ckpt.pop(ck.BEST)
+        ckpt[ck.MODEL], ckpt[ck.SELECTED_EPOCH] = best["model"], best["epoch"]
+    if not run.rt.is_main:
+        return
+    ck.save_checkpoint(ckpt, out_dir / CHECKPOINT)
+    save_json(history, out_dir / HISTORY_JSON)
+    val = f" val {record['val_acc']:.2%}" if validated else ""
+    speed = f"{record['epoch_seconds']:.1f}s, {record['images_per_second']:.0f} img/s"
+    print(
+        f"[{stage}] epoch {record['epoch']}/{epochs} loss {record['train_loss']:.4f} "
+        f"train {record['train_acc']:.2%}{val} ({speed})",
+        file=sys.stderr,
+    )
+    if done and record["epoch"] < epochs:
+        print(f"[{stage}] early stop: no better validation accuracy for {stale} epochs", file=sys.stderr)
+    if done and validated:
+        kept = history[best["epoch"] - 1]["val_acc"]
+        print(f"[{stage}] keeping epoch {best['epoch']} (best validation accuracy, {kept:.2%})", file=sys.stderr)
 
 
 def _cpu_copy(state: dict) -> dict:

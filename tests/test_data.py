@@ -1,3 +1,6 @@
+import gzip
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +15,11 @@ from kdq.data import (
     batch_flip,
     load_cifar,
     load_digits,
+    load_fashion_mnist,
     load_image_folder,
     read_cifar_batch,
     shuffled_batches,
+    subset_training,
 )
 
 from .conftest import write_cifar_batch
@@ -148,3 +153,134 @@ def test_normalization_stats_are_the_datasets_own(digits):
     mean, std = digits.normalization()
     x = digits.train.images.float() / 255
     assert np.allclose(mean, x.mean(dim=(0, 2, 3)).tolist(), atol=1e-5) and len(std) == 3
+
+
+# --- Fashion-MNIST: generated idx files in torchvision's layout and Debian's ---------------------------------
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """An idx file as the originals are: magic (0, 0, 0x08 = uint8, ndim), big-endian int32 sizes, the bytes."""
+    raw = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes() + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def fake_fashion(folder, n_train=20, n_test=10, gz=True) -> np.ndarray:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    train = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    for prefix, images in (("train", train), ("t10k", rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", (np.arange(len(images)) % 10).astype(np.uint8))
+    return train
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_is_padded_to_32x32_and_grey_as_rgb(tmp_path, gz):
+    """torchvision's layout (root/FashionMNIST/raw), gzipped as downloaded or extracted: 2 px of black around
+    every 28x28 image, the channel repeated; labels as stored."""
+    train = fake_fashion(tmp_path / "FashionMNIST" / "raw", gz=gz)
+    ds = load_fashion_mnist(tmp_path, verify=False)
+    assert ds.name == "fashion-mnist" and ds.classes[0] == "T-shirt/top" and len(ds.classes) == 10
+    assert ds.train.images.shape == (20, 3, 32, 32) and ds.test.images.shape == (10, 3, 32, 32)
+    assert torch.equal(ds.train.images[:, 1, 2:30, 2:30], torch.from_numpy(train))
+    border = ds.train.images.clone()
+    border[:, :, 2:30, 2:30] = 0
+    assert border.sum() == 0 and torch.equal(ds.train.images[:, 0], ds.train.images[:, 2])
+    assert ds.train.labels.tolist() == [i % 10 for i in range(20)] and ds.train.labels.dtype == torch.long
+
+
+def test_fashion_mnist_checks_md5_of_the_idx_bytes(tmp_path):
+    fake_fashion(tmp_path / "FashionMNIST" / "raw")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: md5 mismatch"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_falls_back_to_debians_folder_then_says_how_to_get_it(tmp_path, monkeypatch):
+    import kdq.data
+
+    debian = tmp_path / "usr-share-datasets-fashion-mnist"
+    monkeypatch.setattr(kdq.data, "DEBIAN_FASHION_MNIST", debian)
+    with pytest.raises(DataError, match="pass --download, or install it: apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path / "data")
+    fake_fashion(debian, n_train=30)
+    assert len(load_fashion_mnist(tmp_path / "data", verify=False).train) == 30
+
+
+def test_fashion_mnist_download_fetches_torchvisions_files(tmp_path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    import kdq.data
+
+    calls = []
+
+    def fake_download(url, folder, filename, md5):
+        calls.append((url, filename, md5))
+        fake_fashion(Path(folder))
+
+    monkeypatch.setattr(kdq.data, "DEBIAN_FASHION_MNIST", tmp_path / "none")
+    monkeypatch.setattr(kdq.data, "download_and_extract_archive", fake_download)
+    load_fashion_mnist(tmp_path, download=True, verify=False)
+    assert [(f, m) for _, f, m in calls] == list(FashionMNIST.resources)
+    assert calls[0][0].startswith(FashionMNIST.mirrors[0]) and (tmp_path / "FashionMNIST" / "raw").is_dir()
+
+
+def test_truncated_idx_file_is_a_one_line_error(tmp_path):
+    folder = tmp_path / "FashionMNIST" / "raw"
+    fake_fashion(folder, gz=False)
+    path = folder / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match="bytes of data for shape"):
+        load_fashion_mnist(tmp_path, verify=False)
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+def test_debians_fashion_mnist_is_the_real_one(tmp_path):
+    """Debian's recompressed files hold the original idx bytes (md5 of the decompressed files checked)."""
+    ds = load_fashion_mnist(tmp_path)
+    assert len(ds.train) == 60_000 and len(ds.test) == 10_000
+    assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
+
+
+# --- CIFAR-100: the python batches of CIFAR-10 with fine and coarse labels, and a meta file --------------------
+
+
+def test_cifar100_reads_fine_labels_and_class_names(tmp_path):
+    import pickle
+
+    from torchvision.datasets import CIFAR100
+
+    folder = tmp_path / CIFAR100.base_folder
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 12), ("test", 6)):
+        fine = rng.integers(0, 100, n).tolist()
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": fine,
+                 "coarse_labels": [f // 5 for f in fine], "filenames": []}  # fmt: skip
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)], "coarse_label_names": []}, f)
+    ds = load_cifar("cifar100", tmp_path, verify=False)
+    assert ds.name == "cifar100" and len(ds.classes) == 100 and ds.classes[7] == "class7"
+    assert ds.train.images.shape == (12, 3, 32, 32) and ds.train.labels.tolist() == batch_labels(folder / "train")
+    with pytest.raises(DataError, match="md5 mismatch"):
+        load_cifar("cifar100", tmp_path)
+
+
+def batch_labels(path) -> list[int]:
+    import pickle
+
+    with open(path, "rb") as f:
+        return pickle.load(f)["fine_labels"]
+
+
+def test_training_subset_is_stratified_and_the_same_for_every_seed(digits):
+    sub = subset_training(digits, 200)
+    assert len(sub.train) == 200 and torch.equal(sub.test.images, digits.test.images)
+    assert torch.bincount(sub.train.labels, minlength=10).tolist() == [20] * 10
+    assert torch.equal(subset_training(digits, 200).train.images, sub.train.images)
+    with pytest.raises(DataError, match="train_subset must be in 1..1437"):
+        subset_training(digits, 5000)

@@ -109,6 +109,43 @@ def test_missing_dataset_folder(tmp_path):
     )
 
 
+def test_fashion_mnist_nowhere_or_damaged(tmp_path, monkeypatch):
+    import kdq.data
+
+    from .test_data import fake_fashion
+
+    monkeypatch.setattr(kdq.data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    args = [
+        "teacher",
+        *SMOKE_T,
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        tmp_path / "data",
+        "--run-dir",
+        tmp_path / "run",
+    ]
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    fails(args, f"Fashion-MNIST not found in {raw} or {tmp_path / 'debian'}; pass --download, or install it: "
+          "apt-get install dataset-fashion-mnist", tmp_path)  # fmt: skip
+    fake_fashion(raw)  # generated files: not the real md5
+    fails(args, f"{raw / 'train-images-idx3-ubyte.gz'}: md5 mismatch of its idx bytes (truncated, corrupt or "
+          "modified); delete it and re-download (--download)", tmp_path)  # fmt: skip
+    fake_fashion(tmp_path / "debian")
+    (raw / "train-images-idx3-ubyte.gz").unlink()  # Debian's copy is found instead
+    debian = tmp_path / "debian" / "train-images-idx3-ubyte.gz"
+    fails(args, f"{debian}: md5 mismatch of its idx bytes (truncated, corrupt or modified); reinstall it: "
+          "apt-get install --reinstall dataset-fashion-mnist", tmp_path)  # fmt: skip
+
+
+def test_training_subset_larger_than_the_data(tmp_path):
+    fails(
+        ["teacher", *SMOKE_T, "--train-subset", "5000", "--run-dir", tmp_path / "run"],
+        "train_subset must be in 1..1437, got 5000",
+        tmp_path,
+    )
+
+
 @pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
 def test_damaged_cifar_batch(fake_cifar, tmp_path, damage):
     batch = fake_cifar / "cifar-10-batches-py" / "data_batch_1"
@@ -187,8 +224,8 @@ def test_checkpoint_with_another_number_of_classes(ws, tmp_path):
     ck.save_checkpoint(saved, tmp_path / "ten.pt")
     fails(
         ["evaluate", tmp_path / "ten.pt", "--out", tmp_path / "e.json"],
-        f"{tmp_path / 'ten.pt'}: weights do not fit mobilenet_v2 (size mismatch for classifier.1.weight: copying a "
-        "param with shape ([3, 1280]) from checkpoint, the shape in current model is ([10, 1280]))",
+        f"{tmp_path / 'ten.pt'}: weights do not fit mobilenet_v2_os16 (size mismatch for classifier.1.weight: "
+        "copying a param with shape ([3, 1280]) from checkpoint, the shape in current model is ([10, 1280]))",
         tmp_path,
     )
 
@@ -424,12 +461,13 @@ def test_parity_against_another_checkpoint(ws, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["teacher", "--preset", "nope"], "Invalid value for '--preset': 'nope' is not one of 'cifar10', 'demo', "
-         "'smoke'."),
+        (["teacher", "--preset", "nope"], "Invalid value for '--preset': 'nope' is not one of 'cifar10', 'cifar100', "
+         "'demo', 'fashion-mnist', 'smoke'."),
         (["teacher", "--arch", "resnet9"], "Invalid value for '--arch': 'resnet9' is not one of 'resnet20', "
          "'resnet56', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'."),
         (["distill", "--dataset", "imagenet"], "Invalid value for '--dataset': 'imagenet' is not one of 'digits', "
-         "'cifar10', 'folder'."),
+         "'fashion-mnist', 'cifar10', 'cifar100', 'folder'."),
+        (["distill", "--kd-loss", "dkd"], "Invalid value for '--kd-loss': 'dkd' is not one of 'hinton', 'dist'."),
         (["quantize", "x.pt", "--backend", "riscv"], "Invalid value for '--backend': 'riscv' is not one of 'x86', "
          "'qnnpack'."),
     ],
@@ -452,6 +490,6 @@ def test_unknown_export_target_and_model_name(ws, tmp_path):
     fails(
         ["evaluate", tmp_path / "vit.pt", "--out", tmp_path / "e.json"],
         f"{tmp_path / 'vit.pt'}: cannot build its model {saved[ck.ARCH]} (unknown model 'vit_b_16'; choose from: "
-        "resnet20, resnet56, resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v2)",
+        "resnet20, resnet56, resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v2_os16, mobilenet_v2_os8)",
         tmp_path,
     )

@@ -108,3 +108,42 @@ def test_dist_is_zero_for_the_teacher_itself_and_positive_for_another():
     assert loss(s, torch.zeros(16, dtype=torch.long), t)[1].item() > 0.5
     with pytest.raises(ValueError, match="unknown KD loss 'dkd'"):
         KDLoss(kind="dkd")
+
+
+def _dist_rank(rank: int, port: int, x, t, out: str) -> None:
+    """One rank of 2 gloo processes: DIST on its half of the batch, gradient averaged over ranks as DDP does."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3))
+    KDLoss(1.0, 2.0, kind="dist")(x[rank::2] @ w, torch.zeros(4, dtype=torch.long), t[rank::2])[0].backward()
+    dist.all_reduce(w.grad)
+    if rank == 0:
+        torch.save(w.grad / 2, out)
+    dist.destroy_process_group()
+
+
+def test_dist_under_two_processes_is_the_one_process_loss(tmp_path):
+    """The intra-class term correlates each class over the whole batch: with the batch split over 2 ranks, the
+    gathered probabilities make the DDP-averaged gradient equal the one-process one."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_dist_rank, args=(r, port, x, t, str(tmp_path / "g.pt"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3))
+    KDLoss(1.0, 2.0, kind="dist")(x @ w, torch.zeros(8, dtype=torch.long), t)[0].backward()
+    assert torch.allclose(torch.load(tmp_path / "g.pt"), w.grad, atol=1e-6)

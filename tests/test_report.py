@@ -235,3 +235,50 @@ def test_folder_without_a_run_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "nothing to report" in result.output
     assert result.output.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_report_states_whether_the_teacher_is_ahead_of_the_baseline(smoke_run, report):
+    """The smoke run's teacher and baseline, from their histories: the sentence gives both best val accuracies."""
+    best = {s: max(h["val_acc"] for h in json.loads((smoke_run / s / "history.json").read_text()))
+            for s in ("teacher", "baseline")}  # fmt: skip
+    line = next(line for line in report[1].splitlines() if "Teacher vs baseline" in line)
+    assert f"teacher {best['teacher']:.2%}" in line and f"baseline {best['baseline']:.2%}" in line
+    assert ("NOT ahead" in line) == (best["teacher"] <= best["baseline"])
+
+
+def _fake_stage_histories(run: Path, teacher: float, baseline: float) -> None:
+    for stage, start in (("teacher", teacher), ("baseline", baseline)):
+        (run / stage).mkdir(parents=True, exist_ok=True)
+        (run / stage / "history.json").write_text(json.dumps(history(3, start)))
+
+
+def test_pipeline_warns_loudly_or_stops_when_the_teacher_is_not_ahead(tmp_path, monkeypatch, capsys):
+    """A teacher behind the baseline: a banner on stderr (and the run goes on), or with the flag an error before
+    the KD student trains; the report then says NOT ahead."""
+    from kdq import pipeline, recipes
+    from kdq.config import get_preset
+    from kdq.pipeline import TeacherNotAheadError, run_pipeline
+
+    trained = []
+
+    def fake_train(preset, run_dir, opts, stage="teacher", **kwargs):
+        trained.append(stage)
+        if stage == "baseline":  # best val: teacher 76%, baseline 86%
+            _fake_stage_histories(run_dir, 0.52, 0.62)
+        if stage == "student":  # far enough: the check comes before it
+            raise RuntimeError("distilling")
+        return run_dir / stage / "checkpoint.pt"
+
+    monkeypatch.setattr(recipes, "train_teacher", fake_train)
+    monkeypatch.setattr(recipes, "train_student", fake_train)
+    opts = recipes.RunOptions()
+    with pytest.raises(TeacherNotAheadError, match=r"teacher 76.00% is not ahead of the no-KD baseline 86.00%"):
+        run_pipeline(get_preset("smoke"), tmp_path, opts, require_teacher_ahead=True)
+    assert trained == ["teacher", "baseline"]
+    with pytest.raises(RuntimeError, match="distilling"):
+        run_pipeline(get_preset("smoke"), tmp_path, opts)
+    assert (
+        trained[-1] == "student" and "WARNING Teacher vs baseline: the teacher is NOT ahead" in capsys.readouterr().err
+    )
+    _fake_stage_histories(tmp_path, 0.62, 0.52)
+    assert pipeline.check_teacher_ahead(tmp_path, required=True)["lead"] == pytest.approx(0.10)

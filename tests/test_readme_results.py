@@ -1,0 +1,71 @@
+"""README's figures trace to committed results files: every generated block equals what its JSON renders to."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+
+from bench import readme
+from bench.accuracy import summary_rows
+
+
+def test_readme_blocks_match_the_committed_results():
+    assert readme.stale_blocks() == []
+
+
+def test_every_results_file_is_quoted_by_a_readme_block():
+    names = {m["name"] for m in readme.BLOCK.finditer(readme.README.read_text())}
+    assert names == set(readme.SOURCES)
+    for source, _ in readme.SOURCES.values():
+        assert (readme.ROOT / source).is_file(), source
+
+
+def test_a_changed_result_changes_the_readme():
+    """Editing a number in the JSON makes the check fail: the README cannot silently keep an old figure."""
+    text = readme.README.read_text()
+    source = readme.ROOT / readme.SOURCES["fashion-mnist"][0]
+    result = json.loads(source.read_text())
+    changed = copy.deepcopy(result)
+    changed["models"]["teacher"]["top1"] = [0.123456]
+    assert "12.35 ± 0.00" in readme.render("fashion-mnist", changed)
+    assert readme.render("fashion-mnist", changed) != readme.render("fashion-mnist", result)
+    block = re.search(r"<!-- bench\.readme: fashion-mnist -->\n(.*?)<!-- /bench\.readme -->", text, re.S)[1]
+    assert block == readme.render("fashion-mnist", result)
+
+
+def _model(top1: list[float], **extra) -> dict:
+    return {"arch": "mobilenet_v2_os16", "parameters": 2_236_682, "fp32_bytes": 9_188_427, "top1": top1, **extra}
+
+
+def test_accuracy_table_pairs_kd_with_the_baseline_of_the_same_seed():
+    """KD gain is the mean ± sample std of per-seed differences (not a difference of means); int8 drop is float
+    minus int8 of the same model."""
+    ort = {"ort_int8_ms": {"b1": 0.5, "b64": 20.0}, "int8_bytes": 2_700_000}
+    result = {"models": {
+        "teacher": _model([0.90], arch="resnet20"),
+        "baseline": _model([0.80, 0.84, 0.82]),
+        "kd_offline": _model([0.83, 0.85, 0.86]),   # gains 3, 1, 4 pt
+        "kd_online": _model([0.80, 0.84, 0.82]),
+        "dist_offline": _model([0.81, 0.83, 0.85]),
+        "kd_offline_qat": _model([0.825], float_model="kd_offline", **ort),
+        "kd_offline_ptq": _model([0.80], float_model="kd_offline", **ort),
+    }}  # fmt: skip
+    rows = {r[0]: r for r in summary_rows(result)}
+    assert rows["student, no KD (baseline)"][2] == "82.00 ± 2.00 (n=3)"
+    assert rows["student, Hinton KD offline"][6] == "+2.67 ± 1.53 pt"
+    assert rows["student, Hinton KD online"][6] == "+0.00 ± 0.00 pt"
+    assert rows["student int8, QAT-KD (x86)"][7] == "0.50 pt" and rows["student int8, QAT-KD (x86)"][4] == "2.70"
+    assert rows["student int8, PTQ of KD student (x86)"][5] == "0.50 / 20.0"
+
+
+@pytest.mark.parametrize("name", sorted(readme.SOURCES))
+def test_each_block_names_its_source_and_machine(name):
+    source, _ = readme.SOURCES[name]
+    result = json.loads((readme.ROOT / source).read_text())
+    text = readme.render(name, result)
+    assert f"[{source}]({source})" in text
+    if "environment" in result:
+        assert result["environment"]["cpu"]["model_name"] in text
