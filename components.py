@@ -25,6 +25,34 @@ from typing import Dict, List, Optional
 from torchx import specs
 from torchx.components import dist
 
+
+def _accept_podman_container_states() -> None:
+    """Let `-s local_docker` poll podman's Docker-compatible API (deploy/container/docker-socket.sh).
+
+    Podman passes a finished container through "stopping" and "stopped" (exited, not yet cleaned up) before
+    Docker's "exited"; TorchX knows only Docker's states and raised KeyError('stopped') while waiting. A
+    stopped container's process has ended, so it is judged by its exit code exactly as an exited one.
+    """
+    try:
+        from torchx.schedulers import docker_scheduler
+    except ImportError:  # a TorchX without the Docker scheduler
+        return
+    if getattr(docker_scheduler.DockerScheduler._get_app_state, "accepts_podman", False):
+        return
+    docker_scheduler.CONTAINER_STATE.setdefault("stopping", specs.AppState.RUNNING)
+    docker_state = docker_scheduler.DockerScheduler._get_app_state
+
+    def app_state(self: docker_scheduler.DockerScheduler, container: "docker_scheduler.Container") -> specs.AppState:
+        if container.status != "stopped":
+            return docker_state(self, container)
+        return specs.AppState.SUCCEEDED if container.wait(timeout=10)["StatusCode"] == 0 else specs.AppState.FAILED
+
+    app_state.accepts_podman = True  # type: ignore[attr-defined]
+    docker_scheduler.DockerScheduler._get_app_state = app_state  # type: ignore[method-assign]
+
+
+_accept_podman_container_states()
+
 DEFAULT_IMAGE = "localhost/kdq:latest"  # what `make image` builds; push it to your registry for clusters
 QAT_STAGE = "student_qat"  # where `kdq distill --qat` writes
 STAGES = ("teacher", "baseline", "student", QAT_STAGE)  # the trained stages of `kdq pipeline` (kdq/pipeline.py)

@@ -144,6 +144,32 @@ def _torchx_run(cwd: Path, *args: str, timeout: float = 900) -> str:
     return out
 
 
+class FakeContainer:
+    """What TorchX's Docker scheduler reads of a container: its status and, once it ended, its exit code."""
+
+    def __init__(self, status: str, exit_code: int = 0) -> None:
+        self.status, self.exit_code = status, exit_code
+
+    def wait(self, timeout: float) -> dict[str, int]:
+        return {"StatusCode": self.exit_code}
+
+
+@pytest.mark.parametrize(
+    ("status", "exit_code", "state"),
+    [("stopped", 0, specs.AppState.SUCCEEDED), ("stopped", 3, specs.AppState.FAILED),
+     ("stopping", 0, specs.AppState.RUNNING), ("exited", 1, specs.AppState.FAILED),
+     ("running", 0, specs.AppState.RUNNING)],
+)  # fmt: skip
+def test_local_docker_understands_podmans_container_states(status, exit_code, state):
+    """Podman reports "stopping"/"stopped" before "exited"; TorchX alone raised KeyError('stopped') mid-wait."""
+    from torchx.schedulers.docker_scheduler import DockerScheduler
+
+    scheduler = DockerScheduler("test")
+    assert scheduler._get_app_state(FakeContainer(status, exit_code)) == state
+    components._accept_podman_container_states()  # a second import of components.py changes nothing
+    assert scheduler._get_app_state(FakeContainer(status, exit_code)) == state
+
+
 def test_local_cwd_distill_produces_a_checkpoint(tmp_path):
     """`torchx run -s local_cwd components.py:distill` on the demo preset, from the repo root."""
     run_dir = tmp_path / "run"
