@@ -19,7 +19,10 @@ from kdq.errors import KdqError
 MANIFEST = "manifest.json"
 PARITY_JSON = "parity.json"
 PARITY_MD = "parity.md"
-ARTIFACTS = {"torchscript": "model.pt", "onnx": "model.onnx"}
+ARTIFACTS = {"torchscript": "model.pt", "onnx": "model.onnx", "pt2": "model.pt2", "executorch": "model.pte"}
+# What each quantization flow can export: TorchScript cannot script a PT2E Q/DQ graph (torch.export's .pt2
+# replaces it), and only a PT2E model lowers to ExecuTorch.
+FLOW_FORMATS = {"eager": ("torchscript", "onnx"), "pt2e": ("pt2", "onnx", "executorch")}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 # Every gate a target may name, and what it checks (kdq.parity.check_gates evaluates each one named).
@@ -31,13 +34,26 @@ GATES = {
     "deviation of PyTorch's int8 logits (a model's logit scale varies: KD temperature, training), at most this",
     "ort_accuracy_delta_max": "|ORT int8 accuracy - PyTorch int8 accuracy| at most this",
     "ort_int8_kernels": "every convolution of the model runs as an int8 kernel (QLinearConv) in ONNX Runtime",
+    "pt2_identical": "torch.export (.pt2) int8 logits equal PyTorch int8 logits bit for bit",
+    "executorch_top1_agreement_min": "ExecuTorch int8 top-1 agrees with PyTorch int8 on at least this fraction",
+    "executorch_confident_margin": "... and on 100% of samples whose top-2 logit margin exceeds this",
+    "executorch_mean_abs_logit_rel_max": "mean |ExecuTorch int8 - PyTorch int8| logit difference / std, at most this",
+    "executorch_accuracy_delta_max": "|ExecuTorch int8 accuracy - PyTorch int8 accuracy| at most this",
+    "executorch_int8_delegated": "every convolution runs in the XNNPACK delegate, and no quantize, dequantize, "
+    "convolution or add is left outside it",
+    "executorch_int8_max_ratio_vs_fp32": "ExecuTorch int8 / ExecuTorch fp32 latency at the largest batch, per thread "
+    "count",
     "int8_accuracy_drop_max": "every int8 runtime, on every path, loses at most this accuracy vs the float model",
     "class_drop_max": "... and at most this on any single class",
     "min_accuracy": "every int8 runtime, on every path, reaches at least this accuracy",
     "ort_b1_max_ratio_vs_torchscript": "ORT int8 / TorchScript int8 latency at batch 1, per thread count",
     "ort_int8_max_ratio_vs_fp32": "ORT int8 / ORT fp32 latency at the largest batch, per thread count",
 }
-RATIO_GATES = ("ort_b1_max_ratio_vs_torchscript", "ort_int8_max_ratio_vs_fp32")  # value: {max, margin} or a number
+RATIO_GATES = (
+    "ort_b1_max_ratio_vs_torchscript",
+    "ort_int8_max_ratio_vs_fp32",
+    "executorch_int8_max_ratio_vs_fp32",
+)  # value: {max, margin} or a number
 PATHS = ("avx2", "exact")  # extra int8 arithmetic paths a target may certify (kdq.cpu, kdq.parity)
 
 
@@ -59,6 +75,7 @@ class Target:
     name: str
     backend: str
     formats: list[str]
+    flow: str = "eager"  # the quantization flow the checkpoint must come from (kdq.quant)
     onnx_opset: int = 17
     gates: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +105,16 @@ def load_target(name_or_path: str | Path) -> Target:
         bad = set(data.get(key, [])) - set(known)
         if bad:
             raise ExportError(f"{path}: unknown {key} {sorted(bad)}; choose from: {', '.join(known)}")
+    flow = data.get("flow", "eager")
+    if flow not in FLOW_FORMATS:
+        raise ExportError(f"{path}: unknown flow {flow!r}; choose from: {', '.join(FLOW_FORMATS)}")
+    bad = set(data.get("formats", [])) - set(FLOW_FORMATS[flow])
+    if bad:
+        raise ExportError(
+            f"{path}: the {flow} flow cannot export {sorted(bad)}; it exports {', '.join(FLOW_FORMATS[flow])}"
+        )
+    if "executorch" in data.get("formats", []) and data.get("backend") != "xnnpack":
+        raise ExportError(f"{path}: format executorch is lowered to XNNPACK: it needs backend xnnpack")
     if "avx2" in data.get("paths", []) and data.get("backend") != "x86":
         raise ExportError(f"{path}: path avx2 is x86's int8 arithmetic; a {data.get('backend')} target cannot take it")
     for gate in RATIO_GATES:

@@ -12,7 +12,18 @@ from pathlib import Path
 
 import click
 
-from kdq.config import BACKENDS, CHECKPOINT, DATASETS, KD_LOSSES, PRESETS, TEACHERS, Preset, get_preset, with_overrides
+from kdq.config import (
+    BACKENDS,
+    CHECKPOINT,
+    DATASETS,
+    FLOWS,
+    KD_LOSSES,
+    PRESETS,
+    TEACHERS,
+    Preset,
+    get_preset,
+    with_overrides,
+)
 from kdq.errors import KdqError
 
 
@@ -261,13 +272,24 @@ def _student_options(f):
                 "--backend",
                 type=click.Choice(BACKENDS),
                 default=None,
-                help="With --qat: int8 kernels to train for, x86 or qnnpack (ARM; export with --target arm)  "
-                "[default: the preset's, x86]",
+                help="With --qat: int8 kernels to train for: x86; for ARM qnnpack (eager flow, --target arm) or "
+                "xnnpack (pt2e flow, ExecuTorch, --target mobile)  [default: the preset's, x86]",
             ),
+            flow_option("With --qat: "),
         ]
     ):
         f = d(f)
     return f
+
+
+def flow_option(when: str = ""):
+    return click.option(
+        "--flow",
+        type=click.Choice(FLOWS),
+        default=None,
+        help=f"{when}quantization flow: eager (torch.ao.quantization: TorchScript + ONNX) or pt2e (torch.export + "
+        "torchao: ONNX through the dynamo exporter, .pt2, ExecuTorch .pte)  [default: the preset's, eager]",
+    )
 
 
 def _train_student(
@@ -287,20 +309,24 @@ def _train_student(
     qat,
     init,
     backend,
+    flow,
 ) -> None:
     from kdq import recipes
     from kdq.losses import KDLoss
+    from kdq.quant import get_flow
 
     changes = optim
     preset = with_overrides(
         preset, alpha=alpha, temperature=temperature, student_dropout=dropout, student_width=width, kd_loss=kd_loss
     )
     preset = with_overrides(preset, augment=with_overrides(preset.augment, **augment))
-    if backend and not qat:
-        raise KdqError("--backend applies to --qat training only (a float student has no int8 kernels)")
+    if (backend or flow) and not qat:
+        raise KdqError("--backend and --flow apply to --qat training only (a float student has no int8 kernels)")
     if qat:
         qat_optim = with_overrides(preset.quant.qat_optim, **changes)
-        preset = with_overrides(preset, quant=with_overrides(preset.quant, qat_optim=qat_optim, backend=backend))
+        quant = with_overrides(preset.quant, qat_optim=qat_optim, backend=backend, flow=flow)
+        get_flow(quant.flow).check_available(quant.backend)  # before anything trains
+        preset = with_overrides(preset, quant=quant)
         default_init = run_dir / "student" / CHECKPOINT
         init = init or (default_init if default_init.exists() else None)
     else:
@@ -339,7 +365,13 @@ def baseline(preset: Preset, run_dir: Path, opts, **kwargs) -> None:
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(BACKENDS), default="x86", help="x86 (servers) or qnnpack (ARM).")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="x86",
+    help="x86 (servers); ARM: qnnpack (eager flow) or xnnpack (pt2e flow, ExecuTorch).",
+)
+@flow_option()
 @click.option("--calibration-batches", type=int, default=None, help="Batches to observe  [default: the preset's]")
 @click.option(
     "--out",
@@ -349,18 +381,19 @@ def baseline(preset: Preset, run_dir: Path, opts, **kwargs) -> None:
 )
 @data_dir_option()
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def quantize(checkpoint: Path, backend, calibration_batches, out, data_dir, overwrite) -> None:
+def quantize(checkpoint: Path, backend, flow, calibration_batches, out, data_dir, overwrite) -> None:
     """Static post-training quantization of a float student checkpoint (per-channel int8 weights)."""
     from kdq import checkpoint as ck
     from kdq import recipes
 
     ckpt = ck.load_checkpoint(checkpoint)
     preset = Preset.from_dict(ckpt[ck.PRESET])
-    suffix = "" if backend == "x86" else f"_{backend}"
+    flow = flow or preset.quant.flow
+    suffix = "".join(f"_{v}" for v in (flow, backend) if v not in ("eager", "x86"))  # _ptq, _ptq_pt2e_xnnpack, ...
     out = out or checkpoint.parent.parent / f"{ckpt[ck.STAGE]}_ptq{suffix}" / CHECKPOINT
     opts = recipes.RunOptions(data_dir=data_dir, overwrite=overwrite)
     batches = calibration_batches or preset.quant.calibration_batches
-    click.echo(recipes.quantize_static(checkpoint, out, opts, backend=backend, batches=batches))
+    click.echo(recipes.quantize_static(checkpoint, out, opts, backend=backend, batches=batches, flow=flow))
 
 
 @main.command()
@@ -437,21 +470,27 @@ def export_cmd(checkpoint: Path, target, out, data_dir, verify, latency_runs, ov
 @main.command()
 @run_options
 @click.option("--latency-runs", type=int, default=None, help="Export certificate: timed runs per latency cell.")
-@click.option("--target", default=None, help="Export target name or .toml path  [default: x86, or arm for qnnpack]")
+@click.option(
+    "--target",
+    default=None,
+    help="Export target name or .toml path; its flow and backend are the QAT stage's  [default: the preset's: "
+    "x86 (eager, x86), arm (eager, qnnpack), x86-pt2e (pt2e, x86) or mobile (pt2e, xnnpack)]",
+)
+@flow_option()
 @click.option(
     "--require-teacher-ahead",
     is_flag=True,
     help="Stop before distilling when the teacher's validation accuracy is not above the no-KD baseline's "
     "(without it: a loud warning, and the report shows the comparison).",
 )
-def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, require_teacher_ahead) -> None:
+def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, flow, require_teacher_ahead) -> None:
     """Run every stage: teacher -> baseline -> (teacher ahead?) -> KD student -> QAT -> table -> certified export.
 
     With --resume, finished stages are skipped and an interrupted one continues.
     """
     from kdq.pipeline import run_pipeline
 
-    run_pipeline(preset, run_dir, opts, latency_runs, target, require_teacher_ahead)
+    run_pipeline(preset, run_dir, opts, latency_runs, target, require_teacher_ahead, flow)
 
 
 @main.command()

@@ -19,7 +19,11 @@ TEACHERS = (*CIFAR_RESNETS, "resnet18", "resnet34", "resnet50", "resnet101", "re
 # of every published CIFAR MobileNetV2 (kuangliu 94.4%, chenyaofo 93.8%). kdq.models says more.
 STUDENTS = ("mobilenet_v2_os16", "mobilenet_v2_os8")
 KD_LOSSES = ("hinton", "dist")  # kdq.losses: Hinton et al. 2015; DIST, Huang et al. 2022
-BACKENDS = ("x86", "qnnpack")  # int8 engines: x86 (servers, laptops), qnnpack (ARM)
+# int8 backends of each quantization flow (kdq.quant): x86 (servers, laptops); for ARM, the eager flow's qnnpack
+# engine or the pt2e flow's XNNPACK (ExecuTorch).
+FLOW_BACKENDS = {"eager": ("x86", "qnnpack"), "pt2e": ("x86", "xnnpack")}
+FLOWS = tuple(FLOW_BACKENDS)
+BACKENDS = ("x86", "qnnpack", "xnnpack")
 CHECKPOINT = "checkpoint.pt"  # every stage writes RUN/<stage>/checkpoint.pt
 
 
@@ -51,9 +55,10 @@ class Augment:
 class Quant:
     """int8 recipe: static PTQ calibration and QAT fine-tuning (with distillation)."""
 
-    backend: str = "x86"  # "x86" (servers, laptops) or "qnnpack" (ARM edge devices)
-    activation_bits: int | None = None  # None: the backend's default (x86 7, qnnpack 8; why: kdq.quant)
-    weight_bits: int = 8
+    flow: str = "eager"  # "eager" (torch.ao.quantization) or "pt2e" (torch.export + torchao); kdq.quant
+    backend: str = "x86"  # x86 (servers, laptops); ARM: qnnpack (eager flow), xnnpack (pt2e flow, ExecuTorch)
+    activation_bits: int | None = None  # None: the flow and backend's default (kdq.quant.DEFAULT_BITS)
+    weight_bits: int | None = None  # None: the flow and backend's default (kdq.quant.DEFAULT_BITS)
     calibration_batches: int = 100  # PTQ: training batches the observers see (seed: CALIBRATION_BATCHES)
     qat_optim: Optim = field(default_factory=lambda: Optim(epochs=5, lr=0.01, schedule="cosine"))
     freeze_bn_after: float = 0.6  # fraction of QAT epochs after which BN statistics are frozen

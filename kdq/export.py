@@ -1,4 +1,5 @@
-"""`kdq export`: int8 TorchScript + ONNX artifacts, a manifest, and a parity certificate.
+"""`kdq export`: int8 artifacts (eager flow: TorchScript + ONNX; pt2e flow: .pt2, ONNX, ExecuTorch .pte), a
+manifest, and a parity certificate.
 
 The export target (backend, opset, formats, parity gates, latency grid) is data: `export/<name>.toml`.
 Artifacts are built in a staging folder beside the output and renamed into place only when every gate
@@ -21,6 +22,7 @@ from torch import nn
 
 import kdq
 from kdq import checkpoint as ck
+from kdq import pt2e_export
 from kdq.artifacts import (
     ARTIFACTS,
     INPUT_NAME,
@@ -61,6 +63,25 @@ def export_onnx(model: nn.Module, path: Path, opset: int, image_size: int = 32) 
         raise ExportError(f"the exported {path.name} is not valid ONNX ({str(e).strip().splitlines()[0][:200]})") from e
 
 
+def write_artifacts(model: nn.Module, flow: str, target: Target, folder: Path) -> dict:
+    """Every format the target names, into `folder`; returns extra manifest entries (ExecuTorch's delegation)."""
+    extra: dict = {}
+    for fmt in target.formats:
+        path = folder / ARTIFACTS[fmt]
+        if fmt == "torchscript":
+            export_torchscript(model, path)
+        elif fmt == "onnx" and flow == "eager":
+            export_onnx(model, path, target.onnx_opset)
+        elif fmt == "onnx":
+            pt2e_export.export_onnx_dynamo(model, path, target.onnx_opset)
+        elif fmt == "pt2":
+            pt2e_export.export_pt2(model, path)
+        elif fmt == "executorch":
+            extra["executorch"] = {"delegation": pt2e_export.export_executorch(model, path), "backend": "XNNPACK",
+                                   "max_batch": pt2e_export.PTE_MAX_BATCH}  # fmt: skip
+    return extra
+
+
 def build_manifest(ckpt: dict, checkpoint: Path, target: Target, folder: Path) -> dict:
     import onnx
     import onnxruntime
@@ -98,6 +119,7 @@ def build_manifest(ckpt: dict, checkpoint: Path, target: Target, folder: Path) -
         },  # fmt: skip
         "target": {
             "name": target.name,
+            "flow": target.flow,
             "backend": target.backend,
             "onnx_opset": target.onnx_opset,
             "gates": target.gates,
@@ -110,9 +132,19 @@ def build_manifest(ckpt: dict, checkpoint: Path, target: Target, folder: Path) -
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
+            **_pt2e_versions(target),
             "python": sys.version.split()[0],
         },  # fmt: skip
     }
+
+
+def _pt2e_versions(target: Target) -> dict[str, str]:
+    if target.flow != "pt2e":
+        return {}
+    from importlib.metadata import version
+
+    names = ["torchao", "onnxscript"] + (["executorch"] if "executorch" in target.formats else [])
+    return {name: version(name) for name in names}
 
 
 def export(
@@ -134,20 +166,23 @@ def export(
         raise ExportError(
             f"{checkpoint} is a float checkpoint; int8 export needs `kdq quantize` or `kdq distill --qat`"
         )
+    flow = ckpt[QUANTIZATION]["flow"]
+    if flow != target.flow:
+        raise ExportError(
+            f"{checkpoint} comes from the {flow} flow, target {target.name!r} exports the {target.flow} flow's "
+            f"models: quantize with `--flow {target.flow}` first"
+        )
     if ckpt[QUANTIZATION]["backend"] != target.backend:
         raise ExportError(
             f"{checkpoint} was quantized for {ckpt[QUANTIZATION]['backend']}, target {target.name!r} needs "
-            f"{target.backend}: `kdq quantize --backend {target.backend}` first"
+            f"{target.backend}: `kdq quantize --flow {target.flow} --backend {target.backend}` first"
         )
     check_writable(out.parent)
     model = int8_model(ckpt, checkpoint)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
-        if "torchscript" in target.formats:
-            export_torchscript(model, staging / ARTIFACTS["torchscript"])
-        if "onnx" in target.formats:
-            export_onnx(model, staging / ARTIFACTS["onnx"], target.onnx_opset)
-        save_json(build_manifest(ckpt, checkpoint, target, staging), staging / MANIFEST)
+        extra = write_artifacts(model, flow, target, staging)
+        save_json({**build_manifest(ckpt, checkpoint, target, staging), **extra}, staging / MANIFEST)
         report: dict = {}
         if verify:
             report = _certify(ckpt, checkpoint, staging, target, data_dir, latency_runs)
@@ -210,8 +245,12 @@ def _certify(ckpt: dict, checkpoint: Path, folder: Path, target: Target, data_di
     with tempfile.TemporaryDirectory(prefix="kdq-ref-") as ref:
         fp32 = float_reference(ckpt)
         if fp32 is not None:  # fp32 artifacts of the model the int8 one came from, for speedups
-            export_torchscript(fp32, Path(ref) / ARTIFACTS["torchscript"])
-            export_onnx(fp32, Path(ref) / ARTIFACTS["onnx"], target.onnx_opset)
+            if "torchscript" in target.formats:
+                export_torchscript(fp32, Path(ref) / ARTIFACTS["torchscript"])
+            if "onnx" in target.formats:
+                export_onnx(fp32, Path(ref) / ARTIFACTS["onnx"], target.onnx_opset)
+            if "executorch" in target.formats:
+                pt2e_export.export_executorch(fp32, Path(ref) / ARTIFACTS["executorch"])
         cmd = [sys.executable, "-m", "kdq.parity", str(folder), "--checkpoint", str(checkpoint),
                "--data-dir", str(data_dir), "--out", str(folder / PARITY_JSON)]  # fmt: skip
         if fp32 is not None:

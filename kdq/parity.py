@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from kdq import checkpoint as ck
-from kdq.artifacts import ARTIFACTS, ExportError, sha256, verify_artifacts
+from kdq import pt2e, pt2e_export
+from kdq.artifacts import ARTIFACTS, RATIO_GATES, ExportError, sha256, verify_artifacts
 from kdq.config import Preset
 from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, avx2_emulator, describe, environment, has_vnni
 from kdq.data import Normalize, load_dataset
@@ -39,6 +40,8 @@ REFERENCE = "pytorch_int8"  # what the other int8 runtimes are compared with
 FLOAT = "pytorch_fp32"  # the float model the int8 one came from
 EPS = 1e-9  # accuracies are fractions k/N: 0.9 - 0.895 must not exceed 0.005 by a rounding error
 FLOAT_CONVS = ("Conv", "FusedConv", "NhwcFusedConv")  # ORT op types of a convolution left in float
+AGREEMENT_GATES = {"ort": "onnxruntime", "executorch": "executorch"}  # gate prefix -> runtime compared with PyTorch
+AGREEMENT_CHECKS = ("top1_agreement_min", "confident_margin", "mean_abs_logit_rel_max", "accuracy_delta_max")
 
 
 def load_torchscript(path: Path):
@@ -98,7 +101,9 @@ def int8_kernels(counts: dict[str, int]) -> dict[str, int]:
 
 
 def count_convs(model: torch.nn.Module) -> int:
-    """Convolutions of an int8 PyTorch model (fused conv-relu counts once)."""
+    """Convolutions of an int8 PyTorch model: eager modules (fused conv-relu counts once) or a PT2E graph."""
+    if isinstance(model, torch.fx.GraphModule):
+        return pt2e.count_convs(model)
     return sum(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in model.modules())
 
 
@@ -140,29 +145,42 @@ def check_gates(report: dict, gates: dict) -> list[dict]:
         checks.append({"name": name, "value": value, "threshold": threshold, "passed": bool(passed), "reason": reason})
 
     acc, agree = report["accuracy"], report["agreement"]
-    ts, ort = agree.get("torchscript"), agree.get("onnxruntime")
     int8_runtimes = [k for k in acc if "_int8" in k]
     no_float = (
         "the checkpoint records no float model to compare with: quantize a float checkpoint "
         "(`kdq quantize`, or `kdq distill --qat --init STUDENT`) to get one"
     )
     for gate, t in gates.items():
-        if gate == "torchscript_identical":
-            if ts is None:
-                add(gate, None, 0.0, False, "no TorchScript artifact in this export")
+        prefix, _, check = gate.partition("_")
+        if gate in ("torchscript_identical", "pt2_identical"):
+            same = agree.get(prefix)
+            if same is None:
+                add(gate, None, 0.0, False, f"no {prefix} artifact in this export")
             else:
-                add(gate, ts["max_abs_logit_diff"], 0.0, ts["identical"] or not t)
-        elif gate.startswith("ort_") and gate not in ("ort_int8_kernels", *_RATIOS) and ort is None:
-            add(gate, None, t, False, "no ONNX artifact in this export")
-        elif gate == "ort_top1_agreement_min":
-            add("ort_top1_agreement", ort["top1_agreement"], t, ort["top1_agreement"] >= t)
-        elif gate == "ort_confident_margin":
-            add("ort_confident_agreement", ort["confident_agreement"], 1.0, ort["confident_agreement"] == 1.0)
-        elif gate == "ort_mean_abs_logit_rel_max":
-            add("ort_mean_abs_logit_rel", ort["mean_abs_logit_rel"], t, ort["mean_abs_logit_rel"] <= t)
-        elif gate == "ort_accuracy_delta_max":
-            d = abs(acc["onnxruntime_int8"] - acc[REFERENCE])
-            add("ort_accuracy_delta", d, t, d <= t + EPS)
+                add(gate, same["max_abs_logit_diff"], 0.0, same["identical"] or not t)
+        elif prefix in AGREEMENT_GATES and check in AGREEMENT_CHECKS:
+            runtime = AGREEMENT_GATES[prefix]
+            a = agree.get(runtime)
+            if a is None:
+                add(gate, None, t, False, f"no {runtime} artifact in this export")
+            elif check == "top1_agreement_min":
+                add(f"{prefix}_top1_agreement", a["top1_agreement"], t, a["top1_agreement"] >= t)
+            elif check == "confident_margin":
+                add(f"{prefix}_confident_agreement", a["confident_agreement"], 1.0, a["confident_agreement"] == 1.0)
+            elif check == "mean_abs_logit_rel_max":
+                add(f"{prefix}_mean_abs_logit_rel", a["mean_abs_logit_rel"], t, a["mean_abs_logit_rel"] <= t)
+            else:
+                d = abs(acc[f"{runtime}_int8"] - acc[REFERENCE])
+                add(f"{prefix}_accuracy_delta", d, t, d <= t + EPS)
+        elif gate == "executorch_int8_delegated":
+            d = report.get("executorch_delegation")
+            if not d:
+                add(gate, None, t, False, "no ExecuTorch artifact in this export")
+            else:
+                outside = d["int8_ops_outside"]
+                reason = f"outside the delegate: {outside}" if outside else None
+                add(gate, d["delegated_convolutions"], d["model_convs"],
+                    d["delegated_convolutions"] == d["model_convs"] and not outside, reason)  # fmt: skip
         elif gate == "ort_int8_kernels":
             k = report.get("ort_kernels")
             if not k:
@@ -200,10 +218,12 @@ def _ratio_pair(gate: str, batches: list[int]) -> tuple[tuple[str, str, int], tu
     if gate == "ort_b1_max_ratio_vs_torchscript":
         return ("onnxruntime", "int8", 1), ("torchscript", "int8", 1), "ort_int8_b1_vs_torchscript_int8"
     big = max(batches)
-    return ("onnxruntime", "int8", big), ("onnxruntime", "fp32", big), f"ort_int8_vs_fp32_b{big}"
+    prefix = gate.partition("_")[0]
+    runtime = AGREEMENT_GATES[prefix]
+    return (runtime, "int8", big), (runtime, "fp32", big), f"{prefix}_int8_vs_fp32_b{big}"
 
 
-_RATIOS = ("ort_b1_max_ratio_vs_torchscript", "ort_int8_max_ratio_vs_fp32")
+_RATIOS = RATIO_GATES
 
 
 def _ratio_gate(add, gate: str, spec, report: dict) -> None:
@@ -252,17 +272,22 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     runners: dict[tuple[str, str], Runner] = {("pytorch", "int8"): torch_runner(int8)}
     if "torchscript" in formats:
         runners[("torchscript", "int8")] = torch_runner(load_torchscript(folder / ARTIFACTS["torchscript"]))
+    if "pt2" in formats:
+        runners[("pt2", "int8")] = torch_runner(pt2e_export.load_pt2(folder / ARTIFACTS["pt2"]))
     if onnx:
         runners[("onnxruntime", "int8")] = ort_runner(load_onnx(onnx, 1, ort_config))
+    if "executorch" in formats:
+        runners[("executorch", "int8")] = pt2e_export.pte_runner(folder / ARTIFACTS["executorch"])
     fp32 = float_reference(ckpt)
     if fp32 is not None:
         runners[("pytorch", "fp32")] = torch_runner(fp32)
-        if reference is not None:
-            runners[("torchscript", "fp32")] = torch_runner(torch.jit.load(str(reference / ARTIFACTS["torchscript"])))
-            runners[("onnxruntime", "fp32")] = ort_runner(ort_session(str(reference / ARTIFACTS["onnx"]), 1))
+        for fmt, runtime, load in _FP32_REFERENCES:
+            if reference is not None and (reference / ARTIFACTS[fmt]).is_file():
+                runners[(runtime, "fp32")] = load(reference / ARTIFACTS[fmt])
 
     logits = {f"{r}_{p}": batched(run, x) for (r, p), run in runners.items()}
-    paths, missing = _other_paths(target.get("paths", []), checkpoint, onnx, x, logits)
+    pytorch_int8_path = ckpt[QUANTIZATION]["flow"] == "eager"  # a PT2E model is float-simulated Q/DQ in PyTorch
+    paths, missing = _other_paths(target.get("paths", []), checkpoint, onnx, x, logits, pytorch_int8_path)
     ref = logits[REFERENCE]
     report: dict = {
         "test_samples": len(labels),
@@ -283,6 +308,8 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
         ops = ort_op_counts(onnx, ort_config)
         report["ort_kernels"] = {"int8": int8_kernels(ops), "model_convs": count_convs(int8),
                                  "float_convs": sum(ops.get(op, 0) for op in FLOAT_CONVS)}  # fmt: skip
+    if "executorch" in formats:  # recorded at lowering, in the sha256-checked manifest
+        report["executorch_delegation"] = {**manifest["executorch"]["delegation"], "model_convs": count_convs(int8)}
     report["latency"] = _latency_grid(runners, folder, reference, grid, ort_config)
     report["speedup_int8_vs_fp32"] = _speedups(report["latency"])
     report["where"] = environment({"torch": torch.get_num_threads(), "latency_grid": grid.get("threads", [1])})
@@ -291,8 +318,17 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     return report
 
 
-def _other_paths(names: list[str], checkpoint: Path, onnx: Path | None, x: np.ndarray, logits: dict):
+_FP32_REFERENCES = (  # (format, runtime, loader) of the fp32 artifacts `kdq.export` writes for the speedups
+    ("torchscript", "torchscript", lambda p: torch_runner(torch.jit.load(str(p)))),
+    ("onnx", "onnxruntime", lambda p: ort_runner(ort_session(str(p), 1))),
+    ("executorch", "executorch", pt2e_export.pte_runner),
+)
+
+
+def _other_paths(names: list[str], checkpoint: Path, onnx: Path | None, x: np.ndarray, logits: dict,
+                 pytorch_int8: bool = True):  # fmt: skip
     """Run the int8 runtimes on the extra paths the target names; add their logits as `RUNTIME_int8@PATH`.
+    `pytorch_int8`: PyTorch runs real int8 kernels (the eager flow), so it has an AVX2 path of its own.
 
     Returns how each path was taken, and the paths that could not be taken with the reason (their gate fails).
     """
@@ -306,8 +342,10 @@ def _other_paths(names: list[str], checkpoint: Path, onnx: Path | None, x: np.nd
         elif name == "avx2" and not has_vnni():
             taken[name] = "this CPU (no VNNI): the native runs above are the AVX2 path"
         elif name == "avx2":
-            logits["pytorch_int8@avx2"] = logits_in_child("torch", checkpoint, x, ["fbgemm"], env=AVX2_ENV)
-            how = f"PyTorch: fbgemm engine with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}"
+            how = "PyTorch: Q/DQ in float (no int8 kernel, no AVX2 path)"
+            if pytorch_int8:
+                logits["pytorch_int8@avx2"] = logits_in_child("torch", checkpoint, x, ["fbgemm"], env=AVX2_ENV)
+                how = f"PyTorch: fbgemm engine with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}"
             emulator = avx2_emulator()
             if onnx and emulator:
                 logits["onnxruntime_int8@avx2"] = logits_in_child("onnx", onnx, x, launcher=emulator)
@@ -327,6 +365,8 @@ def _latency_grid(runners: dict, folder: Path, reference: Path | None, grid: dic
     for _ in range(rounds):
         for threads in grid.get("threads", [1]):
             for (runtime, precision), run in runners.items():
+                if runtime == "executorch":  # one thread pool per process
+                    pt2e_export.set_executorch_threads(threads)
                 if runtime == "onnxruntime":  # ORT threads are per session
                     base = folder if precision == "int8" else reference
                     config = ort_config if precision == "int8" else None

@@ -16,10 +16,13 @@ from kdq.config import Preset, with_overrides
 from kdq.errors import KdqError
 from kdq.export import existing_certificate, export
 from kdq.parity import format_report
+from kdq.quant import get_flow
 from kdq.report import teacher_lead, teacher_lead_sentence, write_report
 from kdq.train import HISTORY_JSON
 
-TARGET_FOR_BACKEND = {"x86": "x86", "qnnpack": "arm"}
+# The default export target of each (flow, backend): the QAT stage is trained for the target's flow and backend.
+DEFAULT_TARGETS = {("eager", "x86"): "x86", ("eager", "qnnpack"): "arm", ("pt2e", "x86"): "x86-pt2e",
+                   ("pt2e", "xnnpack"): "mobile"}  # fmt: skip
 # The trained stages of a run, in order (RUN/<stage>/checkpoint.pt); components.py's pipeline job trains the same.
 STAGES = ("teacher", "baseline", "student", "student_qat")
 
@@ -31,17 +34,22 @@ def run_pipeline(
     export_latency_runs: int | None = None,
     target: str | None = None,
     require_teacher_ahead: bool = False,
+    flow: str | None = None,
 ) -> dict:
     """teacher -> baseline -> KD student -> QAT-KD student -> evaluation table -> certified int8 export.
 
-    The QAT student is trained for the target's backend (x86, or qnnpack for `--target arm`). Before
+    The QAT student is trained for the target's flow and backend (`export/<target>.toml`); without a target,
+    `flow` (default: the preset's) and the preset's backend choose one from DEFAULT_TARGETS. Before
     distilling, the teacher's validation accuracy is compared with the baseline's: a teacher that is not ahead
     is a loud warning, or with `require_teacher_ahead` an error.
     """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    target = load_target(target or TARGET_FOR_BACKEND[preset.quant.backend])  # a bad target fails before training
-    preset = with_overrides(preset, quant=with_overrides(preset.quant, backend=target.backend))
+    target = load_target(target or default_target(flow or preset.quant.flow, preset.quant.backend))
+    if flow is not None and flow != target.flow:
+        raise KdqError(f"target {target.name!r} is exported from the {target.flow} flow, not {flow}: drop --flow")
+    preset = with_overrides(preset, quant=with_overrides(preset.quant, backend=target.backend, flow=target.flow))
+    get_flow(target.flow).check_available(target.backend)  # a missing ExecuTorch fails before training
     stages = {"teacher": recipes.train_teacher(preset, run_dir, opts)}
     stages["baseline"] = recipes.train_student(with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline")
     check_teacher_ahead(run_dir, require_teacher_ahead)
@@ -56,7 +64,7 @@ def run_pipeline(
     else:
         results = recipes.evaluate_checkpoints(list(stages.values()), opts, eval_json)
     click.echo(recipes.format_table(results))
-    out = run_dir / f"export-{target.backend}"  # export-x86, export-qnnpack
+    out = run_dir / f"export-{target.name}"  # export-x86, export-arm, export-mobile, ...
     report = existing_certificate(out, stages["student_qat"], target) if opts.resume else None
     if report is not None:
         print(f"[pipeline] {out} already certifies this checkpoint for {target.name}: kept", file=sys.stderr)
@@ -75,6 +83,13 @@ def run_pipeline(
     click.echo(f"report -> {md} (self-contained: {page})")
     print(f"[pipeline] {preset.name} done in {time.perf_counter() - t0:.0f}s -> {run_dir}", file=sys.stderr)
     return results
+
+
+def default_target(flow: str, backend: str) -> str:
+    if (flow, backend) not in DEFAULT_TARGETS:
+        known = ", ".join(f"{t} ({f}, {b})" for (f, b), t in DEFAULT_TARGETS.items())
+        raise KdqError(f"no export target for the {flow} flow with backend {backend}; choose --target from: {known}")
+    return DEFAULT_TARGETS[(flow, backend)]
 
 
 class TeacherNotAheadError(KdqError):

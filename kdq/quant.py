@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from torch.ao import quantization as tq
 
+from kdq import pt2e
 from kdq.checkpoint import ARCH, MODEL, CheckpointError
-from kdq.config import BACKENDS
+from kdq.config import FLOW_BACKENDS
 from kdq.models import build_model
 
 QUANTIZATION = "quantization"  # checkpoint key: {"flow", "backend", "mode", ...}
@@ -47,11 +48,16 @@ class Scheme:
             raise ValueError(f"int8 scheme bits must be 2..8, got {self}")
 
 
-DEFAULT_ACTIVATION_BITS = {"x86": 7, "qnnpack": 8}  # why 7 on x86: module docstring
+# (activation bits, weight bits) by (flow, backend); why 7-bit on x86: module docstring.
+DEFAULT_BITS = {("eager", "x86"): (7, 8), ("eager", "qnnpack"): (8, 8), ("pt2e", "x86"): (8, 7),
+                ("pt2e", "xnnpack"): (8, 8)}  # fmt: skip
 
 
-def default_scheme(backend: str, activation_bits: int | None = None, weight_bits: int = 8) -> Scheme:
-    return Scheme(activation_bits or DEFAULT_ACTIVATION_BITS.get(backend, 8), weight_bits)
+def default_scheme(
+    backend: str, activation_bits: int | None = None, weight_bits: int | None = None, flow: str = "eager"
+) -> Scheme:
+    default_a, default_w = DEFAULT_BITS.get((flow, backend), (8, 8))
+    return Scheme(activation_bits or default_a, weight_bits or default_w)
 
 
 class Flow(Protocol):
@@ -90,8 +96,7 @@ class EagerFlow:
         return tq.QConfig(activation=act, weight=tq.PerChannelMinMaxObserver.with_args(**w_range))
 
     def check_available(self, backend: str) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+        check_backend(self.name, backend)
         if backend not in torch.backends.quantized.supported_engines:
             raise RuntimeError(
                 f"this PyTorch build has no {backend} quantized engine "
@@ -132,7 +137,46 @@ class EagerFlow:
             return tq.convert(copy.deepcopy(prepared).eval().cpu())
 
 
-FLOWS: dict[str, Flow] = {"eager": EagerFlow()}
+class Pt2eFlow:
+    """torch.export + torchao's prepare/convert (`kdq.pt2e`): backends x86 and xnnpack (ExecuTorch)."""
+
+    name = "pt2e"
+
+    def check_available(self, backend: str) -> None:
+        check_backend(self.name, backend)
+        pt2e.check_available(backend)
+
+    def prepare(self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None) -> nn.Module:
+        scheme = scheme or default_scheme(backend, flow=self.name)
+        return pt2e.prepare(model, backend, qat, scheme.activation_bits, scheme.weight_bits)
+
+    def qat_epoch_hook(self, model: nn.Module, epoch: int, epochs: int, freeze_bn: float, freeze_obs: float):
+        """The eager flow's schedule, on the graph: batch norm, then the quantization ranges, stop moving."""
+        if epoch >= round(freeze_bn * epochs):
+            pt2e.freeze_bn_stats(model)
+        if epoch >= round(freeze_obs * epochs):
+            pt2e.disable_observers(model)
+
+    def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+        pt2e.calibrate(model, batches)
+
+    def convert(self, prepared: nn.Module, backend: str, engine: str | None = None) -> nn.Module:
+        """`engine` does not apply: the Q/DQ graph is computed in float by PyTorch (exactly what ORT and
+        ExecuTorch compute in integers, up to rounding); its int8 kernels run in those runtimes."""
+        self.check_available(backend)
+        return pt2e.convert(prepared)
+
+
+FLOWS: dict[str, Flow] = {"eager": EagerFlow(), "pt2e": Pt2eFlow()}
+
+
+def check_backend(flow: str, backend: str) -> None:
+    if backend not in FLOW_BACKENDS[flow]:
+        other = [f for f, backends in FLOW_BACKENDS.items() if backend in backends]
+        hint = f" (backend {backend} is the {other[0]} flow's: --flow {other[0]})" if other else ""
+        raise ValueError(
+            f"the {flow} flow has no backend {backend!r}; choose from: {', '.join(FLOW_BACKENDS[flow])}{hint}"
+        )
 
 
 def get_flow(name: str) -> Flow:

@@ -161,8 +161,8 @@ def train_student(
             _check_same_data(ickpt, data, init)
             model = ck.model_from_checkpoint(ickpt, init)
             arch, float_weights = ickpt[ck.ARCH], ickpt[ck.MODEL]
-        flow = get_flow("eager")
-        scheme = default_scheme(q.backend, q.activation_bits, q.weight_bits)
+        flow = get_flow(q.flow)
+        scheme = default_scheme(q.backend, q.activation_bits, q.weight_bits, flow=q.flow)
         model = flow.prepare(model, q.backend, qat=True, scheme=scheme)
         optim = q.qat_optim
         extra = {
@@ -208,10 +208,11 @@ def quantize_static(
     batches: int = 100,
     batch_size: int = 64,
     scheme: Scheme | None = None,
+    flow: str = "eager",
 ) -> Path:
     """Post-training static quantization: observe `batches` training batches, store the calibrated model.
 
-    `scheme` defaults to the backend's (kdq.quant: 7-bit activations on x86)."""
+    `scheme` defaults to the flow and backend's (kdq.quant.DEFAULT_BITS: 7-bit activations on eager x86)."""
     out = Path(out)
     if out.exists() and not opts.overwrite:
         raise ck.CheckpointError(f"{out} exists; pass --overwrite to replace it")
@@ -223,8 +224,9 @@ def quantize_static(
     preset = Preset.from_dict(ckpt[ck.PRESET])
     data = load_data(preset, opts)
     _check_same_data(ckpt, data, checkpoint)
-    flow = get_flow("eager")
-    scheme = scheme or default_scheme(backend)
+    flow = get_flow(flow)
+    flow.check_available(backend)  # before the data loads
+    scheme = scheme or default_scheme(backend, flow=flow.name)
     prepared = flow.prepare(model, backend, qat=False, scheme=scheme)
     normalize = Normalize(**ckpt[ck.NORMALIZATION])
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(preset.seed))
@@ -255,7 +257,7 @@ def quantize_static(
         FLOAT_MODEL: ckpt[ck.MODEL],
     }
     ck.save_checkpoint(quantized, out)
-    print(f"[quantize] {backend} PTQ calibrated on {len(chunks)} batches -> {out}", file=sys.stderr)
+    print(f"[quantize] {flow.name} {backend} PTQ calibrated on {len(chunks)} batches -> {out}", file=sys.stderr)
     return out
 
 
