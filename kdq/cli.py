@@ -19,6 +19,7 @@ from kdq.config import (
     FLOWS,
     KD_LOSSES,
     PRESETS,
+    QAT_STAGES,
     TEACHERS,
     Preset,
     get_preset,
@@ -257,7 +258,10 @@ def _student_options(f):
                 "them across classes and across the batch, Huang et al. 2022)  [default: the preset's]",
             ),
             click.option(
-                "--stage", default=None, help="Output folder under RUN  [default: student, baseline or student_qat]"
+                "--stage",
+                default=None,
+                help="Output folder under RUN  [default: student, baseline, or student_qat (student_qat_pt2e for "
+                "--flow pt2e)]",
             ),
             click.option(
                 "--qat", is_flag=True, help="Quantization-aware training with the same KD loss (preset's quant recipe)."
@@ -332,7 +336,7 @@ def _train_student(
     else:
         preset = with_overrides(preset, student_optim=with_overrides(preset.student_optim, **changes))
     KDLoss(preset.alpha, preset.temperature, kind=preset.kd_loss)  # validate before any data is loaded
-    stage = stage or ("student_qat" if qat else "student" if preset.alpha > 0 else "baseline")
+    stage = stage or (QAT_STAGES[preset.quant.flow] if qat else "student" if preset.alpha > 0 else "baseline")
     click.echo(
         recipes.train_student(
             preset, run_dir, opts, stage=stage, teacher_path=teacher_path, online=online, qat=qat, init=init

@@ -23,6 +23,8 @@ KD_LOSSES = ("hinton", "dist")  # kdq.losses: Hinton et al. 2015; DIST, Huang et
 # engine or the pt2e flow's XNNPACK (ExecuTorch).
 FLOW_BACKENDS = {"eager": ("x86", "qnnpack"), "pt2e": ("x86", "xnnpack")}
 FLOWS = tuple(FLOW_BACKENDS)
+# Where QAT writes under RUN, per flow: one run can hold both flows' int8 students (and exports) side by side.
+QAT_STAGES = {"eager": "student_qat", "pt2e": "student_qat_pt2e"}
 BACKENDS = ("x86", "qnnpack", "xnnpack")
 CHECKPOINT = "checkpoint.pt"  # every stage writes RUN/<stage>/checkpoint.pt
 

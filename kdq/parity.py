@@ -256,7 +256,8 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     if source is not None and sha256(checkpoint) != source:
         raise ExportError(f"{checkpoint} is not the checkpoint {folder} was exported from (sha256 differs)")
     ckpt = ck.load_checkpoint(checkpoint)
-    torch.backends.quantized.engine = ckpt[QUANTIZATION]["backend"]
+    if ckpt[QUANTIZATION]["flow"] == "eager":  # its int8 modules run on the engine they were packed for
+        torch.backends.quantized.engine = ckpt[QUANTIZATION]["backend"]
     target = manifest["target"]
     gates, ort_config = target["gates"], target.get("onnxruntime_config", {})
     grid = dict(target["latency"])

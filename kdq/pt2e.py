@@ -196,7 +196,15 @@ def convert(prepared: nn.Module) -> torch.fx.GraphModule:
         warnings.simplefilter("ignore")
         converted = convert_pt2e(model)
     _drop_unused_tensors(converted)
-    return converted
+    return inference_only(converted)
+
+
+def inference_only(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A converted (or torch.export-loaded) int8 graph is eval-only: batch norm is folded, dropout gone. Its
+    train()/eval() refuse by default; here they are accepted and change nothing, as callers expect of a module."""
+    model.train = types.MethodType(lambda self, mode=True: self, model)  # type: ignore[method-assign]
+    model.eval = types.MethodType(lambda self: self, model)  # type: ignore[method-assign]
+    return model
 
 
 def _drop_unused_tensors(model: torch.fx.GraphModule) -> None:

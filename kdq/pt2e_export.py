@@ -7,14 +7,18 @@ for an upper bound of the batch (`PTE_MAX_BATCH`): bigger batches are split by t
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdq.artifacts import INPUT_NAME, OUTPUT_NAME, ExportError
-from kdq.pt2e import EXAMPLE_BATCH, dynamic_batch, example_input
+from kdq.artifacts import INPUT_NAME, OUTPUT_NAME, ExportError, sha256
+from kdq.errors import KdqError
+from kdq.files import atomic_output
+from kdq.pt2e import EXAMPLE_BATCH, dynamic_batch, example_input, inference_only
 
 PTE_MAX_BATCH = 64  # the largest batch a .pte accepts (the latency grid's largest)
 # Edge-dialect operators that must run inside the XNNPACK delegate for the model to be int8 end to end.
@@ -53,11 +57,43 @@ def export_pt2(model: torch.nn.Module, path: Path) -> None:
     torch.export.save(_export_program(model), str(path))
 
 
-def load_pt2(path: Path) -> torch.nn.Module:
+def converted_cache(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{checkpoint.stem}.int8.pt2")
+
+
+def cached_int8(checkpoint: Path, convert: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The converted model of a PT2E checkpoint, kept beside it as CHECKPOINT.int8.pt2.
+
+    Why: converting a QAT checkpoint re-runs torchao's prepare and conv-bn folding, about a minute for
+    MobileNetV2 on 2 cores, and evaluation, export and the certificate each need the model. The cache is
+    used only when it records the checkpoint's sha256 and the same torch/torchao; a folder that is not
+    writable just goes without it."""
+    from importlib.metadata import version
+
+    cache = converted_cache(checkpoint)
+    key = json.dumps({"source_sha256": sha256(checkpoint), "torch": torch.__version__, "torchao": version("torchao")})
+    if cache.is_file():
+        extra = {"kdq": ""}
+        try:
+            module = load_pt2(cache, extra)
+            if extra["kdq"] == key:
+                return module
+        except ExportError:
+            pass
+    model = convert()
+    try:
+        with atomic_output(cache) as tmp:
+            torch.export.save(_export_program(model), str(tmp), extra_files={"kdq": key})
+    except (OSError, KdqError):
+        pass
+    return model
+
+
+def load_pt2(path: Path, extra_files: dict[str, str] | None = None) -> torch.nn.Module:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the quantized_decomposed ops
 
     try:
-        return torch.export.load(str(path)).module()
+        return inference_only(torch.export.load(str(path), extra_files=extra_files).module())
     except Exception as e:
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
         raise ExportError(f"{path}: not a loadable torch.export program ({first})") from e

@@ -21,6 +21,7 @@ import copy
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -220,7 +221,15 @@ def int8_model(ckpt: dict[str, Any], path: Any = "checkpoint", engine: str | Non
             f"{path} is a float checkpoint; quantize it first (`kdq quantize` or `kdq distill --qat`)"
         )
     q = ckpt[QUANTIZATION]
-    return get_flow(q["flow"]).convert(prepared_from_checkpoint(ckpt, path), q["backend"], engine)
+
+    def convert() -> nn.Module:
+        return get_flow(q["flow"]).convert(prepared_from_checkpoint(ckpt, path), q["backend"], engine)
+
+    if q["flow"] == "pt2e" and isinstance(path, Path) and path.is_file():
+        from kdq.pt2e_export import cached_int8
+
+        return cached_int8(path, convert)
+    return convert()
 
 
 def float_reference(ckpt: dict[str, Any]) -> nn.Module | None:

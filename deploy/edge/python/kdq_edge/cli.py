@@ -28,7 +28,7 @@ from kdq_edge import __version__
 from kdq_edge.errors import EdgeError, ImageError
 from kdq_edge.image import ALPHA_POLICIES, load_image, write_ppm
 from kdq_edge.manifest import load_manifest, verified_bytes
-from kdq_edge.model import EdgeModel, Result
+from kdq_edge.model import FORMATS, EdgeModel, Result
 
 EXIT_OK, EXIT_IMAGES, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 
@@ -79,7 +79,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not paths:
         print(f"kdq-edge: error: no image files in {' '.join(args.images)}", file=sys.stderr)
         return EXIT_IMAGES
-    model = EdgeModel(load_manifest(args.model), threads=args.threads)
+    model = EdgeModel(load_manifest(args.model), threads=args.threads, fmt=args.format)
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress = Progress(len(paths), show)
     results, errors = [], []
@@ -96,7 +96,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if args.json:
         m = model.manifest
         doc = {
-            "model": {"folder": str(m.folder), "onnx_sha256": m.artifacts["onnx"]["sha256"], "classes": m.classes},
+            "model": {
+                "folder": str(m.folder),
+                "format": model.format,
+                f"{model.format}_sha256": m.artifacts[model.format]["sha256"],
+                "classes": m.classes,
+            },
             "results": [r.to_json(args.logits) for r in results],
             "errors": errors,
         }
@@ -133,7 +138,7 @@ def cmd_to_ppm(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Per-image latency at batch 1: session.run only, and end to end (decode + preprocess + run)."""
-    model = EdgeModel(load_manifest(args.model), threads=args.threads)
+    model = EdgeModel(load_manifest(args.model), threads=args.threads, fmt=args.format)
     m = model.manifest
     x = np.random.default_rng(0).standard_normal((args.batch, 3, m.height, m.width), dtype=np.float32)
 
@@ -166,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, help="export folder (manifest.json + model.onnx) from `kdq export`")
+        p.add_argument("--format", choices=FORMATS, default="auto",
+                       help="model.onnx (ONNX Runtime) or model.pte (ExecuTorch, the extra kdq-edge[executorch]); "
+                       "auto: onnx when the export has it")  # fmt: skip
 
     def alpha_arg(p: argparse.ArgumentParser) -> None:
         help_ = "images with transparent pixels: refuse them (default) or drop alpha as training did"

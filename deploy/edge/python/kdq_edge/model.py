@@ -1,8 +1,13 @@
-"""The int8 ONNX model of an export folder, run with ONNX Runtime on the CPU."""
+"""The int8 model of an export folder, run on the CPU: model.onnx with ONNX Runtime, or model.pte with the
+ExecuTorch runtime (the optional extra `kdq-edge[executorch]`).
+
+The ONNX path never imports torch. ExecuTorch's Python bindings are built on libtorch, so the .pte path
+imports torch through them; a device without Python runs the same .pte with ExecuTorch's C++ runtime.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +52,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class EdgeModel:
     """A verified export: `classify(x)` on preprocessed batches, `classify_paths(paths)` on image files."""
 
-    def __init__(self, manifest: Manifest, threads: int = 1):
+    def __init__(self, manifest: Manifest, threads: int = 1, fmt: str = "auto"):
+        self.manifest = manifest
+        self.format = pick_format(manifest, fmt)
+        if self.format == "executorch":
+            self._logits = _executorch_logits(manifest, threads)
+        else:
+            self._logits = self._open_onnx(threads)
+
+    def _open_onnx(self, threads: int) -> Callable[[np.ndarray], np.ndarray]:
         import onnxruntime as ort
 
-        self.manifest = manifest
+        manifest = self.manifest
         model_bytes = verified_bytes(manifest, "onnx")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -65,10 +78,11 @@ class EdgeModel:
         names = [i.name for i in self.session.get_inputs()]
         if names != [manifest.input_name]:
             raise EdgeError(f"{manifest.artifact_path('onnx')}: inputs {names} differ from the manifest's")
+        return lambda x: self.session.run([manifest.output_name], {manifest.input_name: x})[0]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) → float32 logits (N, classes)."""
-        return self.session.run([self.manifest.output_name], {self.manifest.input_name: x})[0]
+        return self._logits(x)
 
     def top_k(self, logits: np.ndarray, k: int) -> list[list[Prediction]]:
         probs = softmax(logits)
@@ -110,6 +124,47 @@ class EdgeModel:
         return results
 
 
-def load_model(model: Path | str, threads: int = 1) -> EdgeModel:
-    """Read DIR/manifest.json, check model.onnx against its sha256, and open it with ONNX Runtime."""
-    return EdgeModel(load_manifest(model), threads)
+FORMATS = ("auto", "onnx", "executorch")
+
+
+def pick_format(manifest: Manifest, fmt: str) -> str:
+    """`auto`: model.onnx when the export has one, else model.pte."""
+    if fmt not in FORMATS:
+        raise EdgeError(f"unknown model format {fmt!r}; choose from: {', '.join(FORMATS)}")
+    if fmt == "auto":
+        return "onnx" if "onnx" in manifest.artifacts or "executorch" not in manifest.artifacts else "executorch"
+    manifest.artifact_path(fmt)  # a one-line error when the export lacks it
+    return fmt
+
+
+def _executorch_logits(manifest: Manifest, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The verified bytes of model.pte in ExecuTorch's runtime; batches above the program's planned size
+    (the manifest's `executorch.max_batch`) are split."""
+    try:
+        import torch
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+    except ImportError as e:
+        raise EdgeError(
+            f"{manifest.artifact_path('executorch')}: running a .pte needs the ExecuTorch runtime: "
+            f"pip install 'kdq-edge[executorch]' ({e})"
+        ) from e
+    data = verified_bytes(manifest, "executorch")
+    portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's kernels run on this process-wide pool
+    try:
+        method = Runtime.get().load_program(data).load_method("forward")
+    except Exception as e:
+        raise EdgeError(f"{manifest.artifact_path('executorch')}: ExecuTorch cannot load it ({e})") from e
+    step = int(manifest.raw.get("executorch", {}).get("max_batch", 1))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        parts = [method.execute([torch.from_numpy(np.ascontiguousarray(x[i : i + step]))])[0].numpy()
+                 for i in range(0, len(x), step)]  # fmt: skip
+        return np.concatenate(parts)
+
+    return run
+
+
+def load_model(model: Path | str, threads: int = 1, fmt: str = "auto") -> EdgeModel:
+    """Read DIR/manifest.json, check the model file against its sha256, and open it (`fmt`: see FORMATS)."""
+    return EdgeModel(load_manifest(model), threads, fmt)
