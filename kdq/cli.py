@@ -19,10 +19,10 @@ from kdq.config import (
     FLOWS,
     KD_LOSSES,
     PRESETS,
-    QAT_STAGES,
     TEACHERS,
     Preset,
     get_preset,
+    qat_stage,
     with_overrides,
 )
 from kdq.errors import KdqError
@@ -260,8 +260,8 @@ def _student_options(f):
             click.option(
                 "--stage",
                 default=None,
-                help="Output folder under RUN  [default: student, baseline, or student_qat (student_qat_pt2e for "
-                "--flow pt2e)]",
+                help="Output folder under RUN  [default: student, baseline, or student_qat (student_qat_pt2e_BACKEND "
+                "for --flow pt2e)]",
             ),
             click.option(
                 "--qat", is_flag=True, help="Quantization-aware training with the same KD loss (preset's quant recipe)."
@@ -336,7 +336,9 @@ def _train_student(
     else:
         preset = with_overrides(preset, student_optim=with_overrides(preset.student_optim, **changes))
     KDLoss(preset.alpha, preset.temperature, kind=preset.kd_loss)  # validate before any data is loaded
-    stage = stage or (QAT_STAGES[preset.quant.flow] if qat else "student" if preset.alpha > 0 else "baseline")
+    stage = stage or (
+        qat_stage(preset.quant.flow, preset.quant.backend) if qat else "student" if preset.alpha > 0 else "baseline"
+    )
     click.echo(
         recipes.train_student(
             preset, run_dir, opts, stage=stage, teacher_path=teacher_path, online=online, qat=qat, init=init

@@ -23,8 +23,15 @@ KD_LOSSES = ("hinton", "dist")  # kdq.losses: Hinton et al. 2015; DIST, Huang et
 # engine or the pt2e flow's XNNPACK (ExecuTorch).
 FLOW_BACKENDS = {"eager": ("x86", "qnnpack"), "pt2e": ("x86", "xnnpack")}
 FLOWS = tuple(FLOW_BACKENDS)
-# Where QAT writes under RUN, per flow: one run can hold both flows' int8 students (and exports) side by side.
-QAT_STAGES = {"eager": "student_qat", "pt2e": "student_qat_pt2e"}
+QAT_STAGE = "student_qat"  # where the eager flow's QAT writes under RUN
+
+
+def qat_stage(flow: str, backend: str) -> str:
+    """Where QAT writes under RUN: the PT2E flow's students get their own folders (student_qat_pt2e_x86, ...), so
+    one run holds the eager and PT2E int8 students, and their exports, side by side."""
+    return QAT_STAGE if flow == "eager" else f"{QAT_STAGE}_{flow}_{backend}"
+
+
 BACKENDS = ("x86", "qnnpack", "xnnpack")
 CHECKPOINT = "checkpoint.pt"  # every stage writes RUN/<stage>/checkpoint.pt
 

@@ -121,8 +121,12 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Trainable numbers in a float model, or weights and biases of an int8 one.
 
-    Converted int8 layers keep their weights packed (`weight()` / `bias()` methods, not parameters).
+    Converted int8 layers keep their weights packed (`weight()` / `bias()` methods, not parameters); a PT2E
+    int8 graph keeps them as int8 buffers, beside per-channel `_scale_N` / `_zero_point_N` (not counted).
     """
+    if isinstance(model, torch.fx.GraphModule):
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        return sum(t.numel() for name, t in tensors if not name.startswith(("_scale", "_zero_point")))
     n = sum(p.numel() for p in model.parameters())
     for m in model.modules():
         if callable(getattr(m, "weight", None)):

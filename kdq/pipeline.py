@@ -12,7 +12,7 @@ import click
 
 from kdq import recipes
 from kdq.artifacts import load_target
-from kdq.config import QAT_STAGES, Preset, with_overrides
+from kdq.config import QAT_STAGE, Preset, qat_stage, with_overrides
 from kdq.errors import KdqError
 from kdq.export import existing_certificate, export
 from kdq.parity import format_report
@@ -24,7 +24,7 @@ from kdq.train import HISTORY_JSON
 DEFAULT_TARGETS = {("eager", "x86"): "x86", ("eager", "qnnpack"): "arm", ("pt2e", "x86"): "x86-pt2e",
                    ("pt2e", "xnnpack"): "mobile"}  # fmt: skip
 # The trained stages of a run, in order (RUN/<stage>/checkpoint.pt); components.py's pipeline job trains the same.
-STAGES = ("teacher", "baseline", "student", QAT_STAGES["eager"])
+STAGES = ("teacher", "baseline", "student", QAT_STAGE)
 
 
 def run_pipeline(
@@ -54,8 +54,8 @@ def run_pipeline(
     stages["baseline"] = recipes.train_student(with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline")
     check_teacher_ahead(run_dir, require_teacher_ahead)
     stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
-    qat_stage = QAT_STAGES[target.flow]
-    stages[qat_stage] = recipes.train_student(preset, run_dir, opts, stage=qat_stage, qat=True, init=stages["student"])
+    qat = qat_stage(target.flow, target.backend)
+    stages[qat] = recipes.train_student(preset, run_dir, opts, stage=qat, qat=True, init=stages["student"])
     eval_json = run_dir / recipes.EVALUATION_JSON
     if opts.resume and _newer_than(eval_json, stages.values()):
         print(f"[pipeline] {eval_json} is newer than every checkpoint: kept", file=sys.stderr)
@@ -64,12 +64,12 @@ def run_pipeline(
         results = recipes.evaluate_checkpoints(list(stages.values()), opts, eval_json)
     click.echo(recipes.format_table(results))
     out = run_dir / f"export-{target.name}"  # export-x86, export-arm, export-mobile, ...
-    report = existing_certificate(out, stages[qat_stage], target) if opts.resume else None
+    report = existing_certificate(out, stages[qat], target) if opts.resume else None
     if report is not None:
         print(f"[pipeline] {out} already certifies this checkpoint for {target.name}: kept", file=sys.stderr)
     else:
         report = export(
-            stages[qat_stage],
+            stages[qat],
             out,
             target,
             data_dir=opts.data_dir,

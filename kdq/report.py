@@ -33,9 +33,9 @@ from kdq.train import HISTORY_JSON
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 PLOTS = "plots"
-STAGE_ORDER = ("teacher", "baseline", "student", "student_qat", "student_qat_pt2e")  # others follow, sorted by name
+STAGE_ORDER = ("teacher", "baseline", "student", "student_qat")  # other stages follow, sorted by name
 COLORS = {"teacher": "tab:blue", "baseline": "tab:gray", "student": "tab:green", "student_qat": "tab:red",
-          "student_qat_pt2e": "tab:purple"}  # fmt: skip
+          "student_qat_pt2e_x86": "tab:purple", "student_qat_pt2e_xnnpack": "tab:pink"}  # fmt: skip
 
 
 class ReportError(KdqError):

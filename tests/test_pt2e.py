@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,7 @@ def test_pipeline_pt2e_mobile_certifies_an_executorch_program(mobile_run):
     run_dir, output = mobile_run
     out = run_dir / "export-mobile-smoke"
     assert "[teacher] " in output or (run_dir / "teacher").is_dir()
-    qat = ck.load_checkpoint(run_dir / "student_qat_pt2e" / "checkpoint.pt")
+    qat = ck.load_checkpoint(run_dir / "student_qat_pt2e_xnnpack" / "checkpoint.pt")
     assert qat["quantization"]["flow"] == "pt2e" and qat["quantization"]["backend"] == "xnnpack"
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"], [c for c in report["checks"] if not c["passed"]]
@@ -217,10 +218,51 @@ def test_pte_runs_in_executorch_like_the_certificate_says(mobile_run, digits):
     from kdq.pt2e_export import PTE_MAX_BATCH, pte_runner
 
     run_dir, _ = mobile_run
-    ckpt = ck.load_checkpoint(run_dir / "student_qat_pt2e" / "checkpoint.pt")
+    ckpt = ck.load_checkpoint(run_dir / "student_qat_pt2e_xnnpack" / "checkpoint.pt")
     x = Normalize(**ckpt[ck.NORMALIZATION])(digits.test.images).numpy()
     logits = pte_runner(run_dir / "export-mobile-smoke" / "model.pte", threads=1)(x)  # > PTE_MAX_BATCH: split
     assert len(x) > PTE_MAX_BATCH and logits.shape == (len(x), len(digits.classes))
     report = json.loads((run_dir / "export-mobile-smoke" / "parity.json").read_text())
     accuracy = float((logits.argmax(1) == digits.test.labels.numpy()).mean())
     assert np.isclose(accuracy, report["accuracy"]["executorch_int8"])
+
+
+def test_kdq_edge_runs_the_pte_and_refuses_a_tampered_one(mobile_run, digits, tmp_path):
+    """kdq-edge with the ExecuTorch runtime: same preprocessing, same logits as kdq's run of the .pte; the
+    sha256 refusal applies to model.pte as to model.onnx."""
+    from PIL import Image
+
+    from kdq.data import Normalize
+    from kdq.pt2e_export import pte_runner
+
+    edge = Path(__file__).resolve().parents[1] / "deploy" / "edge" / "python"
+    sys.path.insert(0, str(edge))
+    try:
+        from kdq_edge.cli import main as edge_main
+        from kdq_edge.errors import IntegrityError
+        from kdq_edge.manifest import load_manifest
+        from kdq_edge.model import EdgeModel
+    finally:
+        sys.path.remove(str(edge))
+    run_dir, _ = mobile_run
+    folder = tmp_path / "export"
+    shutil.copytree(run_dir / "export-mobile-smoke", folder)
+    pixels = digits.test.images[:12]
+    paths = []
+    for i, img in enumerate(pixels):  # 32x32 PNGs: kdq-edge's resize to the manifest's 32x32 keeps every pixel
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(paths[-1])
+    model = EdgeModel(load_manifest(folder))
+    assert model.format == "executorch"
+    got = np.array([r.logits for r in model.classify_paths(paths, k=1)], dtype=np.float32)
+    ckpt = ck.load_checkpoint(run_dir / "student_qat_pt2e_xnnpack" / "checkpoint.pt")
+    want = pte_runner(folder / "model.pte")(Normalize(**ckpt[ck.NORMALIZATION])(pixels).numpy())
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert edge_main(["classify", "--model", str(folder), "--format", "executorch", str(paths[0])]) == 0
+    assert edge_main(["classify", "--model", str(folder), "--format", "onnx", str(paths[0])]) == 3  # none exported
+
+    data = bytearray((folder / "model.pte").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.pte").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        EdgeModel(load_manifest(folder))
