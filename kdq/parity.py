@@ -366,8 +366,8 @@ def _latency_grid(runners: dict, folder: Path, reference: Path | None, grid: dic
     for _ in range(rounds):
         for threads in grid.get("threads", [1]):
             for (runtime, precision), run in runners.items():
-                if runtime == "executorch":  # one thread pool per process
-                    pt2e_export.set_executorch_threads(threads)
+                if runtime == "executorch" and threads != pt2e_export.executorch_threads():
+                    continue  # its pool is sized once per process (pt2e_export.pte_runner): 1 thread
                 if runtime == "onnxruntime":  # ORT threads are per session
                     base = folder if precision == "int8" else reference
                     config = ort_config if precision == "int8" else None

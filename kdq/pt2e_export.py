@@ -128,16 +128,16 @@ def delegation_summary(info) -> dict:
     }
 
 
-def pte_runner(path: Path, threads: int | None = None):
+def pte_runner(path: Path, threads: int = 1):
     """A numpy → numpy runner of a .pte's `forward` in ExecuTorch's runtime; splits batches > PTE_MAX_BATCH.
 
-    `threads` resets ExecuTorch's process-wide thread pool (XNNPACK's kernels run on it)."""
+    XNNPACK's kernels run on ExecuTorch's process-wide thread pool, sized by the first runner of the process
+    (`threads`): resizing it under a loaded program crashed XNNPACK (invalid state, then a segfault)."""
     try:
         from executorch.runtime import Runtime
     except ImportError as e:
         raise ExportError(f"{path}: the ExecuTorch runtime is not installed (the extra `kdq[executorch]`)") from e
-    if threads is not None:
-        set_executorch_threads(threads)
+    set_executorch_threads(threads)
     try:
         method = Runtime.get().load_program(str(path)).load_method("forward")
     except Exception as e:
@@ -154,7 +154,20 @@ def pte_runner(path: Path, threads: int | None = None):
     return run
 
 
+_pool: list[int] = []  # the thread count ExecuTorch's pool was given in this process
+
+
 def set_executorch_threads(threads: int) -> None:
+    """Size the thread pool once per process (ExecuTorch's `_unsafe_reset_threadpool`, before any load)."""
     from executorch.extension.pybindings import portable_lib
 
-    portable_lib._unsafe_reset_threadpool(threads)
+    if _pool and _pool[0] != threads:
+        raise ExportError(f"ExecuTorch's thread pool has {_pool[0]} threads in this process; it cannot change")
+    if not _pool:
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        _pool.append(threads)
+
+
+def executorch_threads() -> int | None:
+    return _pool[0] if _pool else None

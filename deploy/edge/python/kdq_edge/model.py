@@ -150,7 +150,10 @@ def _executorch_logits(manifest: Manifest, threads: int) -> Callable[[np.ndarray
             f"pip install 'kdq-edge[executorch]' ({e})"
         ) from e
     data = verified_bytes(manifest, "executorch")
-    portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's kernels run on this process-wide pool
+    if portable_lib._threadpool_get_thread_count() != threads:
+        # XNNPACK's kernels run on this process-wide pool; resizing it under a loaded program crashes XNNPACK,
+        # so a process runs its .pte models at one thread count (the first one's).
+        portable_lib._unsafe_reset_threadpool(threads)
     try:
         method = Runtime.get().load_program(data).load_method("forward")
     except Exception as e:
