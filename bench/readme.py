@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, floor, inference, int8_paths, training
+from bench import accuracy, floor, flows, inference, int8_paths, training
 from bench.common import Table, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,7 @@ SOURCES: dict[str, tuple[str, Callable[[dict], list[Table]]]] = {
     "fashion-mnist": ("results/accuracy-fashion-mnist.json", accuracy.tables),
     "int8-paths": ("results/int8_paths.json", int8_paths.tables),
     "bench": ("results/bench.json", bench_tables),
+    "flows": ("results/flows-demo.json", flows.tables),
 }
 
 

@@ -1,15 +1,26 @@
 """int8 quantization behind one small interface, so the flow can change without touching training or export.
 
-Why eager mode (`torch.ao.quantization`) today: measured on this CPU (shared/notes/quantization.md) it is the
-only flow that yields BOTH a real-int8 TorchScript file AND an ONNX file that onnxruntime runs entirely in
-int8 kernels (QLinearConv/QLinearAdd). PT2E (torchao) is the migration target: better parity, but its
-TorchScript is float-simulated and ORT runs its ONNX only partly in int8. A `Flow` with the same five
-methods replaces `EagerFlow` when that changes; `FLOWS` is the registry.
+Two flows (`FLOWS`), each a `Flow` with the same five methods, chosen per export target (`export/*.toml`):
+- "eager" (`torch.ao.quantization`): converts to int8 modules; exports TorchScript (real int8, loadable from
+  C++) and ONNX through the legacy exporter. Default of the x86 and arm targets.
+- "pt2e" (`torch.export` + torchao, `kdq.pt2e`): converts to a Q/DQ graph; exports ONNX through the dynamo
+  exporter, a `torch.export` program (.pt2) and ExecuTorch (.pte). Targets x86-pt2e and mobile.
+
+Why each default (side by side on the demo, same float student, README "Two quantization flows";
+results/flows-demo.json): on x86 both flows certify, with every convolution a QLinearConv in ONNX Runtime,
+at the same accuracy and the same ORT speed; eager stays the x86 default because only it also ships a real
+int8 TorchScript file (a PT2E .pt2 runs Q/DQ in float in PyTorch, ~40x slower than ORT) and its weights
+keep 8 bits. Everything eager stands on is deprecated in torch 2.15 (pytorch/ao#2259), so x86-pt2e is the
+target to move to when torch drops it (tests/test_pt2e.py fails loudly then). For phones and boards the
+PT2E flow is the only one: ExecuTorch lowers only PT2E models, so `mobile` uses it.
 
 x86 activations are 7-bit (0..127) by default: CPUs without VNNI (AVX2, most x86 edge devices) add pairs
 of u8 x s8 products in a saturating int16, and 8-bit activations overflow it (`kdq.cpu`). With 7-bit
 activations every pair stays below 32,767 on every x86 kernel, so one model is exact on VNNI and AVX2 alike;
 measured in bench/results/int8_paths.json (README "int8 on every x86 CPU"). QNNPACK (ARM) keeps 8 bits.
+The PT2E x86 flow gets the same guarantee from the other operand: 8-bit activations with 7-bit weights
+(-64..63), since the dynamo exporter writes per-tensor QuantizeLinear without the activation range (onnxscript
+drops quant_min/quant_max: ORT would quantize to 0..255 where PyTorch used 0..127); 2 * 255 * 64 = 32,640 fits.
 
 Checkpoints never hold packed int8 modules: they hold the *prepared* model's state (float weights plus
 observer / fake-quant statistics), which loads with `weights_only=True`, and `int8_model` converts it.

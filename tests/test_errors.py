@@ -395,6 +395,25 @@ def test_export_of_a_float_checkpoint(ws, tmp_path):
     )
 
 
+def test_flow_and_backend_that_do_not_go_together(ws, tmp_path):
+    student = ws / "run" / "baseline" / "checkpoint.pt"
+    fails(
+        ["quantize", student, "--backend", "xnnpack", "--out", tmp_path / "q.pt"],
+        "the eager flow has no backend 'xnnpack'; choose from: x86, qnnpack (backend xnnpack is the pt2e flow's: "
+        "--flow pt2e)",
+        tmp_path,
+        ws,
+    )
+    ckpt = ws / "run" / "baseline_ptq" / "checkpoint.pt"
+    fails(
+        ["export", ckpt, "--target", "x86-pt2e", "--out", tmp_path / "e"],
+        f"{ckpt} comes from the eager flow, target 'x86-pt2e' exports the pt2e flow's models: quantize with "
+        "`--flow pt2e` first",
+        tmp_path,
+        ws,
+    )
+
+
 def test_an_onnx_file_that_is_not_onnx(ws, tmp_path):
     """The export folder is checked against its manifest before anything in it is loaded."""
     folder = tmp_path / "export"
@@ -469,7 +488,8 @@ def test_parity_against_another_checkpoint(ws, tmp_path):
          "'fashion-mnist', 'cifar10', 'cifar100', 'folder'."),
         (["distill", "--kd-loss", "dkd"], "Invalid value for '--kd-loss': 'dkd' is not one of 'hinton', 'dist'."),
         (["quantize", "x.pt", "--backend", "riscv"], "Invalid value for '--backend': 'riscv' is not one of 'x86', "
-         "'qnnpack'."),
+         "'qnnpack', 'xnnpack'."),
+        (["quantize", "x.pt", "--flow", "fx"], "Invalid value for '--flow': 'fx' is not one of 'eager', 'pt2e'."),
     ],
 )  # fmt: skip
 def test_unknown_names_list_the_valid_ones(tmp_path, args, message):
@@ -480,7 +500,7 @@ def test_unknown_export_target_and_model_name(ws, tmp_path):
     ckpt = ws / "run" / "baseline_ptq" / "checkpoint.pt"
     fails(
         ["export", ckpt, "--target", "riscv", "--out", tmp_path / "e"],
-        "unknown export target 'riscv'; choose from: arm, x86 or a .toml path",
+        "unknown export target 'riscv'; choose from: arm, mobile, x86, x86-pt2e or a .toml path",
         tmp_path,
         ws,
     )
