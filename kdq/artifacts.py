@@ -75,12 +75,12 @@ class Target:
     name: str
     backend: str
     formats: list[str]
-    flow: str = "eager"  # the quantization flow the checkpoint must come from (kdq.quant)
     onnx_opset: int = 17
     gates: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)  # extra int8 paths to certify, from PATHS
     onnxruntime_config: dict[str, str] = field(default_factory=dict)  # session config entries every consumer sets
+    flow: str = "eager"  # the quantization flow the checkpoint must come from (kdq.quant)
 
 
 def load_target(name_or_path: str | Path) -> Target:

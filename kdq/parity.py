@@ -41,6 +41,8 @@ FLOAT = "pytorch_fp32"  # the float model the int8 one came from
 EPS = 1e-9  # accuracies are fractions k/N: 0.9 - 0.895 must not exceed 0.005 by a rounding error
 FLOAT_CONVS = ("Conv", "FusedConv", "NhwcFusedConv")  # ORT op types of a convolution left in float
 AGREEMENT_GATES = {"ort": "onnxruntime", "executorch": "executorch"}  # gate prefix -> runtime compared with PyTorch
+ARTIFACT_NAMES = {"torchscript": "TorchScript", "pt2": "torch.export (.pt2)", "onnxruntime": "ONNX",
+                  "executorch": "ExecuTorch"}  # fmt: skip
 AGREEMENT_CHECKS = ("top1_agreement_min", "confident_margin", "mean_abs_logit_rel_max", "accuracy_delta_max")
 
 
@@ -155,14 +157,14 @@ def check_gates(report: dict, gates: dict) -> list[dict]:
         if gate in ("torchscript_identical", "pt2_identical"):
             same = agree.get(prefix)
             if same is None:
-                add(gate, None, 0.0, False, f"no {prefix} artifact in this export")
+                add(gate, None, 0.0, False, f"no {ARTIFACT_NAMES[prefix]} artifact in this export")
             else:
                 add(gate, same["max_abs_logit_diff"], 0.0, same["identical"] or not t)
         elif prefix in AGREEMENT_GATES and check in AGREEMENT_CHECKS:
             runtime = AGREEMENT_GATES[prefix]
             a = agree.get(runtime)
             if a is None:
-                add(gate, None, t, False, f"no {runtime} artifact in this export")
+                add(gate, None, t, False, f"no {ARTIFACT_NAMES[runtime]} artifact in this export")
             elif check == "top1_agreement_min":
                 add(f"{prefix}_top1_agreement", a["top1_agreement"], t, a["top1_agreement"] >= t)
             elif check == "confident_margin":

@@ -63,7 +63,9 @@ def run_pipeline(
     else:
         results = recipes.evaluate_checkpoints(list(stages.values()), opts, eval_json)
     click.echo(recipes.format_table(results))
-    out = run_dir / f"export-{target.name}"  # export-x86, export-arm, export-mobile, ...
+    # eager: export-x86 / export-qnnpack (by backend); pt2e: by target (export-x86-pt2e, export-mobile), so one run
+    # holds both flows' exports side by side.
+    out = run_dir / f"export-{target.backend if target.flow == 'eager' else target.name}"
     report = existing_certificate(out, stages[qat], target) if opts.resume else None
     if report is not None:
         print(f"[pipeline] {out} already certifies this checkpoint for {target.name}: kept", file=sys.stderr)

@@ -9,7 +9,7 @@ Two flows (`FLOWS`), each a `Flow` with the same five methods, chosen per export
 Why each default (side by side on the demo, same float student, README "Two quantization flows";
 results/flows-demo.json): on x86 both flows certify, with every convolution a QLinearConv in ONNX Runtime,
 at the same accuracy and the same ORT speed; eager stays the x86 default because only it also ships a real
-int8 TorchScript file (a PT2E .pt2 runs Q/DQ in float in PyTorch, ~40x slower than ORT) and its weights
+int8 TorchScript file (a PT2E .pt2 runs Q/DQ in float in PyTorch, ~45x slower than ORT at batch 1) and its weights
 keep 8 bits. Everything eager stands on is deprecated in torch 2.15 (pytorch/ao#2259), so x86-pt2e is the
 target to move to when torch drops it (tests/test_pt2e.py fails loudly then). For phones and boards the
 PT2E flow is the only one: ExecuTorch lowers only PT2E models, so `mobile` uses it.
