@@ -155,6 +155,10 @@ def train_student(
     optim, extra, hook = preset.student_optim, None, None
     if qat:
         q = preset.quant
+        if q.flow == "pt2e" and rt.world_size > 1:
+            # kdq synchronizes BatchNorm modules across ranks (train.sync_batchnorm); a PT2E graph has none.
+            raise TrainingError("PT2E QAT runs in one process: its batch norms are graph ops that kdq cannot "
+                                "synchronize across ranks (use -j 1x1, or the eager flow)")  # fmt: skip
         float_weights = None
         if init is not None:
             ickpt = ck.load_checkpoint(init)
