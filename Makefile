@@ -4,7 +4,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen
 PRESET ?= demo
 
-.PHONY: setup demo test lint format bench bench-accuracy clean help train-remote image services
+.PHONY: setup demo test lint format bench bench-accuracy bench-flows clean help train-remote image services
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ bench: setup  ## Benchmarks (bench/): training img/s, inference latency, MAC flo
 
 bench-accuracy: setup  ## Fashion-MNIST, 10k test images: teacher, baseline, KD (3 seeds), DIST, int8 (~75 min on 2 cores)
 	$(RUN) python -m bench.accuracy $(BENCH_ARGS)
+
+bench-flows: setup  ## Eager vs PT2E on the demo: one float student, three certified int8 exports (~15 min on 2 cores)
+	$(RUN) kdq pipeline --preset demo --resume
+	$(RUN) kdq pipeline --preset demo --resume --target x86-pt2e
+	$(RUN) kdq pipeline --preset demo --resume --target mobile
+	$(RUN) python -m bench.flows runs/demo --name flows-demo
 
 clean:  ## Remove run outputs (keeps .venv)
 	rm -rf runs

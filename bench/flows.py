@@ -1,6 +1,7 @@
 """Eager vs PT2E, side by side, from the certificates of one run's exports (same float student, same test split).
 
-    uv run --frozen python -m bench.flows runs/demo     # after the pipelines below; writes results/flows-demo.json
+    make bench-flows                                    # the three pipelines below, then this module
+    uv run --frozen python -m bench.flows runs/demo     # bench/results/flows-demo-*.json (README: results/)
 
 The run needs the three int8 students of the same float student and their certified exports:
     kdq pipeline --preset demo                                   # eager QAT -> export-x86
