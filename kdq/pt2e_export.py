@@ -83,7 +83,7 @@ def cached_int8(checkpoint: Path, convert: Callable[[], torch.nn.Module]) -> tor
     model = convert()
     try:
         with atomic_output(cache) as tmp:
-            torch.export.save(_export_program(model), str(tmp), extra_files={"kdq": key})
+            torch.export.save(_export_program(model), tmp, extra_files={"kdq": key})
     except (OSError, KdqError):
         pass
     return model

@@ -236,7 +236,9 @@ def test_runtime_installs_and_runs_without_torch(edge_venv: Path, export_dir: Pa
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["mods"] == []  # neither torch nor kdq was imported
-    assert sorted(re.split(r"[<>=\s]", req)[0] for req in doc["requires"]) == ["numpy", "onnxruntime", "pillow"]
+    base = [req for req in doc["requires"] if "extra ==" not in req]  # the optional extra: model.pte (executorch)
+    assert sorted(re.split(r"[<>=\s]", req)[0] for req in base) == ["numpy", "onnxruntime", "pillow"]
+    assert [re.split(r"[<>=\s]", req)[0] for req in doc["requires"] if "extra ==" in req] == ["executorch"]
 
 
 def test_python_runtime_matches_kdq(kdq_edge: Path, export_dir: Path, images: dict, reference: dict, gates: dict):

@@ -182,6 +182,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 STAGED = {
     ("export.py", "export_torchscript"),
     ("export.py", "export_onnx"),
+    ("pt2e_export.py", "export_onnx_dynamo"),
+    ("pt2e_export.py", "export_pt2"),
+    ("pt2e_export.py", "export_executorch"),
     ("int8run.py", "logits_in_child"),
     ("int8run.py", "main"),
 }

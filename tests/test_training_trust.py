@@ -152,7 +152,7 @@ def test_qat_trains_for_the_backend_asked(smoke_run, tmp_path):
     shutil.copytree(smoke_run / "student", run / "student")
     base = ["distill", "--preset", "smoke", "--device", "cpu", "--run-dir", str(run), "--epochs", "1"]
     r = CliRunner().invoke(main, [*base, "--backend", "qnnpack"])
-    assert r.exit_code == 1 and "--backend applies to --qat training only" in r.output
+    assert r.exit_code == 1 and "--backend and --flow apply to --qat training only" in r.output
     r = CliRunner().invoke(main, [*base, "--qat", "--backend", "qnnpack"])
     assert r.exit_code == 0, r.output
     saved = ck.load_checkpoint(run / "student_qat" / "checkpoint.pt")
