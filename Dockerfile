@@ -23,6 +23,7 @@ RUN --mount=type=secret,id=ca,required=false \
 COPY pyproject.toml uv.lock README.md ./
 COPY kdq ./kdq
 COPY export ./export
+COPY recipes ./recipes
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi \

@@ -37,13 +37,14 @@ import torch
 
 from bench.common import Table, environment, finish, print_table, write_results
 from kdq import checkpoint as ck
-from kdq.config import Optim, Preset, get_preset, with_overrides
+from kdq.config import Optim, Preset, with_overrides
 from kdq.data import Normalize, load_dataset
 from kdq.evaluate import median_ms, predict_logits, state_dict_bytes
 from kdq.export import export_onnx
 from kdq.int8run import ort_session
 from kdq.models import count_parameters
 from kdq.parity import batched, ort_runner
+from kdq.presets import get_preset
 from kdq.quant import int8_model, is_quantized
 from kdq.recipes import RunOptions, quantize_static, train_student, train_teacher
 from kdq.train import CHECKPOINT

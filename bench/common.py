@@ -67,7 +67,7 @@ def environment() -> dict:
     import onnxruntime
 
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpu": cpu_info(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -122,7 +122,7 @@ def markdown_table(table: Table) -> str:
 def write_results(name: str, results: dict, out_dir: Path = RESULTS) -> Path:
     """bench/results/NAME-<UTC time>.json, and NAME-latest.json beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = out_dir / f"{name}-{stamp}.json"
     text = json.dumps(results, indent=2) + "\n"
     path.write_text(text)

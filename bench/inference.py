@@ -24,12 +24,12 @@ import torch
 from bench.common import Table, print_table, run_alone
 from kdq import checkpoint as ck
 from kdq.artifacts import ARTIFACTS, load_target
-from kdq.config import get_preset
 from kdq.data import load_dataset
 from kdq.evaluate import state_dict_bytes
 from kdq.export import export, export_onnx, export_torchscript
 from kdq.models import build_model
 from kdq.parity import _latency_grid, _speedups, ort_runner, ort_session, torch_runner
+from kdq.presets import get_preset
 from kdq.quant import float_reference, int8_model
 from kdq.recipes import RunOptions, quantize_static
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import kdq
 from kdq.errors import KdqError
+from kdq.tomlfile import read_toml
 
 MANIFEST = "manifest.json"
 PARITY_JSON = "parity.json"
@@ -94,10 +94,7 @@ def load_target(name_or_path: str | Path) -> Target:
         raise ExportError(
             f"unknown export target {str(name_or_path)!r}; choose from: {', '.join(known)} or a .toml path"
         )
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ExportError(f"{path}: not valid TOML ({e})") from e
+    data = read_toml(path, ExportError)
     unknown = set(data) - {f for f in Target.__dataclass_fields__ if f != "name"}
     if unknown:
         raise ExportError(f"{path}: unknown keys {sorted(unknown)}")

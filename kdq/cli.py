@@ -18,14 +18,13 @@ from kdq.config import (
     DATASETS,
     FLOWS,
     KD_LOSSES,
-    PRESETS,
     TEACHERS,
     Preset,
-    get_preset,
     qat_stage,
     with_overrides,
 )
 from kdq.errors import KdqError
+from kdq.presets import PRESET_NAMES, RecipeError, get_preset, load_recipe
 
 
 class KdqGroup(click.Group):
@@ -49,16 +48,23 @@ def run_options(f):
     decorators = [
         click.option(
             "--preset",
-            type=click.Choice(sorted(PRESETS)),
-            default="demo",
-            show_default=True,
-            help="Recipe: data, architectures, epochs, learning rates, KD weights.",
+            type=click.Choice(PRESET_NAMES),
+            default=None,
+            help="Built-in recipe (recipes/PRESET.toml): data, architectures, epochs, learning rates, KD weights  "
+            "[default: demo]",
+        ),
+        click.option(
+            "--recipe",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help="Recipe file instead of a preset (start one with `kdq recipe show --preset demo > my.toml`); the "
+            "options below still override it.",
         ),
         click.option(
             "--run-dir",
             type=click.Path(path_type=Path),
             default=None,
-            help="Run directory holding every stage's outputs  [default: runs/PRESET]",
+            help="Run directory holding every stage's outputs  [default: runs/RECIPE-NAME]",
         ),
         data_dir_option(
             "Dataset root: parent of torchvision's CIFAR/FashionMNIST folders (Fashion-MNIST also from Debian's "
@@ -102,6 +108,7 @@ def run_options(f):
     @functools.wraps(f)
     def wrapper(
         preset,
+        recipe,
         run_dir,
         data_dir,
         dataset,
@@ -117,12 +124,18 @@ def run_options(f):
     ):
         from kdq.recipes import RunOptions
 
-        p = with_overrides(get_preset(preset), seed=seed, dataset=dataset, val_fraction=val_fraction)
+        p = with_overrides(_recipe(preset, recipe), seed=seed, dataset=dataset, val_fraction=val_fraction)
         p = with_overrides(p, train_subset=train_subset)
         opts = RunOptions(data_dir, download, device, resume, overwrite, compile_)
         return f(p, Path(run_dir or Path("runs") / p.name), opts, **kwargs)
 
     return wrapper
+
+
+def _recipe(preset: str | None, recipe: Path | None) -> Preset:
+    if preset and recipe:
+        raise RecipeError("give --preset or --recipe, not both")
+    return load_recipe(recipe) if recipe else get_preset(preset or "demo")
 
 
 def optim_options(f):
@@ -517,6 +530,28 @@ def report(run_dir: Path, out: Path | None) -> None:
     md, page = write_report(run_dir, out)
     click.echo(md)
     click.echo(page)
+
+
+@main.group()
+def recipe() -> None:
+    """Recipe files: every setting of a job (data, models, optimisation, augmentation, KD, quantization)."""
+
+
+@recipe.command("show")
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default=None, help="Built-in recipe  [default: demo]")
+@click.option(
+    "--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False), default=None, help="A recipe file."
+)
+def recipe_show(preset: str | None, recipe_file: Path | None) -> None:
+    """Print a recipe with every field filled in, as a file `--recipe` reads back.
+
+    \b
+      kdq recipe show --preset cifar10 > my.toml     # edit, e.g. [student_optim] weight_decay = 1e-4
+      kdq pipeline --recipe my.toml                  # options given on the command line still override it
+    """
+    from kdq.presets import recipe_toml
+
+    click.echo(recipe_toml(_recipe(preset, recipe_file)), nl=False)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Recipes as data: one `Preset` per job family, overridable from the CLI.
+"""Recipes as data: one `Preset` per job family (files in `recipes/`, read by `kdq.presets`), overridable
+from the CLI.
 
 A preset is everything that decides a result (data, architectures, optimisation, distillation),
 so it is stored verbatim in every checkpoint and export manifest.
@@ -18,6 +19,7 @@ TEACHERS = (*CIFAR_RESNETS, "resnet18", "resnet34", "resnet50", "resnet101", "re
 # final maps, 24.5 M MACs; os8 also keeps the 24-channel stage at stride 1, 4x4 maps, 88 M MACs: the layout
 # of every published CIFAR MobileNetV2 (kuangliu 94.4%, chenyaofo 93.8%). kdq.models says more.
 STUDENTS = ("mobilenet_v2_os16", "mobilenet_v2_os8")
+SCHEDULES = ("onecycle", "cosine")  # per-step learning-rate schedules (kdq.train.make_scheduler)
 KD_LOSSES = ("hinton", "dist")  # kdq.losses: Hinton et al. 2015; DIST, Huang et al. 2022
 # int8 backends of each quantization flow (kdq.quant): x86 (servers, laptops); for ARM, the eager flow's qnnpack
 # engine or the pt2e flow's XNNPACK (ExecuTorch).
@@ -114,73 +116,9 @@ class Preset:
         return cls(**d)
 
 
-PRESETS: dict[str, Preset] = {
-    # Offline, CPU, under 5 minutes on 2 cores of an AVX2-only CPU: scikit-learn's digits upscaled to 32x32x3.
-    # The teacher is a CIFAR ResNet-20 (41 M MACs): on the digits it scores what ResNet-56 (125 M) does in
-    # 8 epochs, in a third of the time (ResNet-18's 556 M took half the budget alone).
-    "demo": Preset(
-        name="demo",
-        dataset="digits",
-        teacher="resnet20",
-        teacher_optim=Optim(epochs=8, lr=0.1, batch_size=64),
-        student_optim=Optim(epochs=6, lr=0.1, batch_size=64),
-        quant=Quant(calibration_batches=20, qat_optim=Optim(epochs=1, lr=0.01, batch_size=64, schedule="cosine")),
-        augment=Augment(crop_padding=2, flip=False),
-    ),
-    # Seconds, not minutes: the whole pipeline once, for tests and smoke runs of launchers. The "teacher"
-    # is a full-width MobileNetV2 (a ResNet epoch alone would take longer than this whole run).
-    "smoke": Preset(
-        name="smoke",
-        dataset="digits",
-        teacher="mobilenet_v2_os16",
-        student_width=0.35,
-        teacher_optim=Optim(epochs=3, lr=0.1, batch_size=64),
-        student_optim=Optim(epochs=6, lr=0.1, batch_size=64),
-        quant=Quant(calibration_batches=4, qat_optim=Optim(epochs=3, lr=0.01, batch_size=64, schedule="cosine")),
-        augment=Augment(crop_padding=2, flip=False),
-    ),
-    # Zalando's Fashion-MNIST (offline: Debian's dataset-fashion-mnist), the whole 60k/10k: a GPU-sized recipe.
-    # `make bench-accuracy` runs it on a 5,000-image subset within a CPU budget (bench/accuracy.py).
-    "fashion-mnist": Preset(
-        name="fashion-mnist",
-        dataset="fashion-mnist",
-        teacher="resnet56",
-        teacher_optim=Optim(epochs=30, lr=0.1),
-        student_optim=Optim(epochs=30, lr=0.1),
-        augment=Augment(crop_padding=2, flip=True),
-    ),
-    # The seed project's recipe: ResNet-152 teacher 50 epochs, MobileNetV2 student 20 epochs, with the student
-    # at output stride 8, the layout of the published CIFAR MobileNetV2s that reach ~94%.
-    "cifar10": Preset(
-        name="cifar10",
-        dataset="cifar10",
-        teacher="resnet152",
-        student="mobilenet_v2_os8",
-        teacher_optim=Optim(epochs=50, lr=0.05, patience=20),
-        student_optim=Optim(epochs=20, lr=0.05),
-    ),
-    # The standard KD benchmark (fine labels, 100 classes): the cifar10 recipe.
-    "cifar100": Preset(
-        name="cifar100",
-        dataset="cifar100",
-        teacher="resnet152",
-        student="mobilenet_v2_os8",
-        teacher_optim=Optim(epochs=50, lr=0.05, patience=20),
-        student_optim=Optim(epochs=20, lr=0.05),
-    ),
-}
-
-
 R = TypeVar("R", Preset, Optim, Quant)
 
 
 def with_overrides(recipe: R, **changes) -> R:
     """A copy of `recipe` with the fields given replaced; None keeps the recipe's value."""
     return dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}") from None

@@ -33,7 +33,7 @@ from kdq.data import Normalize, load_dataset
 from kdq.evaluate import median_ms
 from kdq.files import save_json
 from kdq.int8run import logits_in_child, ort_session
-from kdq.quant import QUANTIZATION, float_reference, int8_model
+from kdq.quant import QUANTIZATION, float_reference, get_flow, int8_model
 
 Runner = Callable[[np.ndarray], np.ndarray]
 REFERENCE = "pytorch_int8"  # what the other int8 runtimes are compared with
@@ -289,8 +289,8 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
                 runners[(runtime, "fp32")] = load(reference / ARTIFACTS[fmt])
 
     logits = {f"{r}_{p}": batched(run, x) for (r, p), run in runners.items()}
-    pytorch_int8_path = ckpt[QUANTIZATION]["flow"] == "eager"  # a PT2E model is float-simulated Q/DQ in PyTorch
-    paths, missing = _other_paths(target.get("paths", []), checkpoint, onnx, x, logits, pytorch_int8_path)
+    pytorch_int8 = get_flow(ckpt[QUANTIZATION]["flow"]).int8_kernels_in_pytorch
+    paths, missing = _other_paths(target.get("paths", []), checkpoint, onnx, x, logits, pytorch_int8)
     ref = logits[REFERENCE]
     report: dict = {
         "test_samples": len(labels),
@@ -329,9 +329,9 @@ _FP32_REFERENCES = (  # (format, runtime, loader) of the fp32 artifacts `kdq.exp
 
 
 def _other_paths(names: list[str], checkpoint: Path, onnx: Path | None, x: np.ndarray, logits: dict,
-                 pytorch_int8: bool = True):  # fmt: skip
+                 pytorch_int8: bool):  # fmt: skip
     """Run the int8 runtimes on the extra paths the target names; add their logits as `RUNTIME_int8@PATH`.
-    `pytorch_int8`: PyTorch runs real int8 kernels (the eager flow), so it has an AVX2 path of its own.
+    `pytorch_int8`: PyTorch runs real int8 kernels (`Flow.int8_kernels_in_pytorch`): it has an AVX2 path too.
 
     Returns how each path was taken, and the paths that could not be taken with the reason (their gate fails).
     """

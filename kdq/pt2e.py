@@ -28,7 +28,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-BACKENDS = ("x86", "xnnpack")
 EXAMPLE_BATCH = 2  # torch.export specializes a dimension of size 0 or 1: the example batch must be >= 2
 BN_FROZEN = "_kdq_bn_frozen"  # GraphModule attribute: QAT froze batch-norm statistics (kept across train())
 BATCH_NORMS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default")
@@ -44,9 +43,8 @@ def dynamic_batch(max_batch: int | None = None) -> tuple[dict[int, torch.export.
     return ({0: dim},)
 
 
-def check_available(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"the pt2e flow has no backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+def check_installed(backend: str) -> None:
+    """The libraries the backend's quantizer comes from (which backends the flow has: `kdq.quant.check_backend`)."""
     try:
         import torchao.quantization.pt2e  # noqa: F401
     except ImportError as e:
@@ -129,7 +127,7 @@ def prepare(model: nn.Module, backend: str, qat: bool, activation_bits: int, wei
     """Export the float model (train mode for QAT: conv-bn fusion needs training batch norm) and prepare it."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
-    check_available(backend)
+    check_installed(backend)
     model = copy.deepcopy(model).cpu().train(qat)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

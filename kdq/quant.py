@@ -74,6 +74,9 @@ def default_scheme(
 
 class Flow(Protocol):
     name: str
+    # Does PyTorch itself run the converted model with int8 kernels? (Then the certificate also runs PyTorch
+    # on the emulated-AVX2 path; a PT2E model is Q/DQ computed in float by PyTorch, int8 only in ORT/ExecuTorch.)
+    int8_kernels_in_pytorch: bool
 
     def prepare(self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None) -> nn.Module: ...
     def qat_epoch_hook(self, model: nn.Module, epoch: int, epochs: int, freeze_bn: float, freeze_obs: float): ...
@@ -86,6 +89,7 @@ class EagerFlow:
     """Fuse conv-bn(-relu), insert observers/fake-quant, convert to `torch.ao.nn.quantized` modules."""
 
     name = "eager"
+    int8_kernels_in_pytorch = True
 
     def qconfig(self, qat: bool, scheme: Scheme) -> tq.QConfig:
         """The same qconfig serves both engines; only the kernels (and their weight packing) differ.
@@ -153,12 +157,14 @@ class Pt2eFlow:
     """torch.export + torchao's prepare/convert (`kdq.pt2e`): backends x86 and xnnpack (ExecuTorch)."""
 
     name = "pt2e"
+    int8_kernels_in_pytorch = False
 
     def check_available(self, backend: str) -> None:
         check_backend(self.name, backend)
-        pt2e.check_available(backend)
+        pt2e.check_installed(backend)
 
     def prepare(self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None) -> nn.Module:
+        self.check_available(backend)
         scheme = scheme or default_scheme(backend, flow=self.name)
         return pt2e.prepare(model, backend, qat, scheme.activation_bits, scheme.weight_bits)
 

@@ -322,7 +322,7 @@ def teacher_lead_sentence(lead: dict) -> str:
 
 def build_markdown(run: Run, plots: dict[str, str]) -> str:
     """The report as Markdown; `plots` maps a plot's key to its path relative to the report."""
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"# kdq run report: {run.path.name}",
         "",

@@ -19,10 +19,10 @@ from PIL import Image
 
 from kdq import checkpoint as ck
 from kdq.cli import main
-from kdq.config import get_preset
 from kdq.data import load_digits, split_validation
 from kdq.models import build_model
 from kdq.parity import main as parity_main
+from kdq.presets import get_preset
 
 SMOKE = ["--preset", "smoke", "--width", "0.35", "--device", "cpu"]  # a student command
 SMOKE_T = ["--preset", "smoke", "--device", "cpu"]  # a teacher command

@@ -25,9 +25,10 @@ from click.testing import CliRunner
 
 from kdq import checkpoint as ck
 from kdq.cli import main
-from kdq.config import Augment, Optim, get_preset
+from kdq.config import Augment, Optim
 from kdq.files import atomic_output, remove_stale_temps, save_torch
 from kdq.models import build_model
+from kdq.presets import get_preset
 from kdq.train import CHECKPOINT, Runtime, TrainingError, fit
 
 from .conftest import same_weights

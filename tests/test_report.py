@@ -256,8 +256,8 @@ def test_pipeline_warns_loudly_or_stops_when_the_teacher_is_not_ahead(tmp_path, 
     """A teacher behind the baseline: a banner on stderr (and the run goes on), or with the flag an error before
     the KD student trains; the report then says NOT ahead."""
     from kdq import pipeline, recipes
-    from kdq.config import get_preset
     from kdq.pipeline import TeacherNotAheadError, run_pipeline
+    from kdq.presets import get_preset
 
     trained = []
 

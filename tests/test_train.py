@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from kdq import checkpoint as ck
-from kdq.config import Augment, Optim, get_preset
+from kdq.config import Augment, Optim
 from kdq.models import build_model
+from kdq.presets import get_preset
 from kdq.train import Distill, Runtime, TrainingError, fit
 
 from .conftest import same_weights

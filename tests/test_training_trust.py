@@ -98,8 +98,9 @@ def test_validation_split_is_stratified_disjoint_and_fixed_by_the_seed(digits):
 
 
 def _fit(data, out, epochs, patience=0):
-    from kdq.config import Augment, Optim, get_preset
+    from kdq.config import Augment, Optim
     from kdq.models import build_model
+    from kdq.presets import get_preset
     from kdq.train import fit
 
     torch.manual_seed(0)
