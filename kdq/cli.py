@@ -84,6 +84,12 @@ def run_options(f):
         click.option("--resume", is_flag=True, help="Continue from the stage's checkpoint if there is one."),
         click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint instead of failing."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (mostly useful on GPUs)."),
+        click.option(
+            "--tensorboard/--no-tensorboard",
+            default=True,
+            help="Write every stage's curves (loss parts, lr, train/val accuracy, images/s) to RUN_DIR/tb/: "
+            "`tensorboard --logdir RUN_DIR/tb`.",
+        ),
         click.option("--seed", type=int, default=None, help="Random seed  [default: the preset's]"),
         click.option(
             "--val-fraction",
@@ -117,6 +123,7 @@ def run_options(f):
         resume,
         overwrite,
         compile_,
+        tensorboard,
         seed,
         val_fraction,
         train_subset,
@@ -126,7 +133,7 @@ def run_options(f):
 
         p = with_overrides(_recipe(preset, recipe), seed=seed, dataset=dataset, val_fraction=val_fraction)
         p = with_overrides(p, train_subset=train_subset)
-        opts = RunOptions(data_dir, download, device, resume, overwrite, compile_)
+        opts = RunOptions(data_dir, download, device, resume, overwrite, compile_, tensorboard)
         return f(p, Path(run_dir or Path("runs") / p.name), opts, **kwargs)
 
     return wrapper

@@ -25,6 +25,7 @@ from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import check_writable, save_json, save_torch
 from kdq.models import build_model
 from kdq.quant import FLOAT_MODEL, QUANTIZATION, Scheme, default_scheme, get_flow, int8_model, is_quantized
+from kdq.tblog import TB_DIR
 from kdq.train import CHECKPOINT, Distill, Runtime, TrainingError, fit, setup_runtime
 
 SOFT_TARGETS = "soft_targets.pt"
@@ -41,6 +42,10 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     compile: bool = False
+    tensorboard: bool = True  # every stage's curves in RUN/tb/STAGE (kdq.tblog)
+
+    def tensorboard_dir(self, run_dir: Path, stage: str) -> Path | None:
+        return Path(run_dir) / TB_DIR / stage if self.tensorboard else None
 
 
 def load_data(preset: Preset, opts: RunOptions) -> Dataset:
@@ -73,6 +78,7 @@ def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions, pretrained: b
         resume=opts.resume,
         overwrite=opts.overwrite,
         compile=opts.compile,
+        tensorboard=opts.tensorboard_dir(run_dir, "teacher"),
     )
     return Path(run_dir) / "teacher" / CHECKPOINT
 
@@ -200,6 +206,7 @@ def train_student(
         compile=opts.compile,
         extra=extra,
         on_epoch_start=hook,
+        tensorboard=opts.tensorboard_dir(run_dir, stage),
     )
     return run_dir / stage / CHECKPOINT
 

@@ -34,6 +34,7 @@ from kdq.errors import KdqError
 from kdq.evaluate import predict_logits
 from kdq.files import check_writable, remove_stale_temps, save_json
 from kdq.losses import KDLoss
+from kdq.tblog import ScalarLog
 
 HISTORY_JSON = "history.json"
 # Under DDP every collective (and rank 0's soft targets, behind a barrier) must finish within this many
@@ -198,8 +199,10 @@ def fit(
     compile: bool = False,
     extra: dict | None = None,
     on_epoch_start: Callable[[nn.Module, int], None] | None = None,
+    tensorboard: Path | None = None,
 ) -> dict:
-    """Train `model` and write `out_dir/checkpoint.pt` (every epoch) and `history.json`.
+    """Train `model` and write `out_dir/checkpoint.pt` (every epoch), `history.json` and, given a folder, its
+    TensorBoard curves (`kdq.tblog`).
 
     Returns the final checkpoint dict. `extra` entries are stored in the checkpoint (e.g. the QAT
     recipe); `on_epoch_start(model, epoch)` runs before each epoch (e.g. the QAT freeze schedule).
@@ -243,15 +246,20 @@ def fit(
     if resume and (out_dir / CHECKPOINT).exists():
         run.restore(ckpt, out_dir / CHECKPOINT, stage)
     run.wrap_for_ranks()
-    for epoch in range(ckpt[ck.EPOCH], optim.epochs):
-        if ckpt[ck.DONE]:
-            break
-        run.model.train()
-        if on_epoch_start is not None:
-            on_epoch_start(run.raw_model, epoch)
-        record = run.train_epoch(epoch, seed, stage, out_dir / CHECKPOINT)
-        _check_finite(run.raw_model, stage, epoch + 1, out_dir / CHECKPOINT)
-        _end_epoch(ckpt, record, run, out_dir, stage)
+    log = ScalarLog(tensorboard if rt.is_main and not ckpt[ck.DONE] else None, ckpt[ck.EPOCH] * run.steps_per_epoch)
+    try:
+        for epoch in range(ckpt[ck.EPOCH], optim.epochs):
+            if ckpt[ck.DONE]:
+                break
+            run.model.train()
+            if on_epoch_start is not None:
+                on_epoch_start(run.raw_model, epoch)
+            record = run.train_epoch(epoch, seed, stage, out_dir / CHECKPOINT, log)
+            _check_finite(run.raw_model, stage, epoch + 1, out_dir / CHECKPOINT)
+            _end_epoch(ckpt, record, run, out_dir, stage)
+            log.epoch(record["epoch"] * run.steps_per_epoch, record)
+    finally:
+        log.close()
     if ck.MODEL not in ckpt:  # resumed a finished run
         ckpt = ck.load_checkpoint(out_dir / CHECKPOINT)
     return ckpt
@@ -341,7 +349,7 @@ class _TrainingRun:
             )
         self.step_model = torch.compile(self.model) if self.compile else self.model
 
-    def train_epoch(self, epoch: int, seed: int, stage: str, ckpt_path: Path) -> dict:
+    def train_epoch(self, epoch: int, seed: int, stage: str, ckpt_path: Path, log: ScalarLog) -> dict:
         """One epoch: every rank augments the same global batch (generator seeded by (seed, epoch)), keeps its slice."""
         rt, distill = self.rt, self.distill
         gen = torch.Generator(rt.device).manual_seed(seed * 1_000_003 + epoch)
@@ -388,6 +396,7 @@ class _TrainingRun:
             correct += (logits.argmax(1) == y).sum().item()
             seen += n
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.step(self.scheduler.last_epoch, loss.item(), self.scheduler.get_last_lr()[0])
         loss_sum, soft_sum, hard_sum, correct, seen = _all_reduce([loss_sum, soft_sum, hard_sum, correct, seen], rt)
         seconds = time.perf_counter() - t0
         val = self.data.val

@@ -74,6 +74,16 @@ def test_smoke_pipeline_and_evaluate(smoke_run, tmp_path):
     assert "student" in result.output and "mobilenet_v2_os16" in result.output
 
 
+def test_every_training_stage_of_the_pipeline_logs_to_tensorboard(smoke_run):
+    from .test_train import read_scalars
+
+    for stage in ("teacher", "baseline", "student", "student_qat"):
+        history = json.loads((smoke_run / stage / "history.json").read_text())
+        scalars = read_scalars(smoke_run / "tb" / stage)
+        assert {"loss/soft", "loss/hard", "lr", "accuracy/val", "images_per_second", "step/loss"} <= set(scalars)
+        assert [v for _, v in scalars["accuracy/val"]] == pytest.approx([h["val_acc"] for h in history], rel=1e-6)
+
+
 def test_pipeline_resume_keeps_what_is_up_to_date(smoke_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)  # copy2: modification times kept

@@ -110,11 +110,12 @@ def test_recipe_file_trains_exactly_like_its_preset_and_options_still_override(t
     shown.write_text(invoke("recipe", "show", "--preset", "smoke").output)
     common = ["baseline", "--device", "cpu", "--epochs", "1", "--train-subset", "300"]
     runs = {}
-    for name, source in (("preset", ["--preset", "smoke"]), ("recipe", ["--recipe", shown])):
+    for name, source in (("preset", ["--preset", "smoke", "--no-tensorboard"]), ("recipe", ["--recipe", shown])):
         result = invoke(*common, *source, "--run-dir", tmp_path / name)
         assert result.exit_code == 0, result.output
         runs[name] = ck.load_checkpoint(tmp_path / name / "baseline" / "checkpoint.pt")
     assert runs["preset"][ck.PRESET] == runs["recipe"][ck.PRESET]
     assert runs["recipe"][ck.PRESET]["student_optim"]["epochs"] == 1  # --epochs overrode the file's 6
+    assert not (tmp_path / "preset" / "tb").exists() and list((tmp_path / "recipe" / "tb" / "baseline").iterdir())
     a, b = runs["preset"][ck.MODEL], runs["recipe"][ck.MODEL]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -77,6 +77,44 @@ def test_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
     assert straight[ck.HISTORY][1]["train_loss"] == resumed[ck.HISTORY][1]["train_loss"]
 
 
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard's own reader, as `tensorboard --logdir` uses it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_curves_are_the_history_and_a_resume_does_not_repeat_them(tiny, tmp_path, monkeypatch):
+    kept = []
+    real_save = ck.save_checkpoint
+
+    def save_and_keep_epoch_1(obj, path):
+        real_save(obj, path)
+        if obj[ck.EPOCH] == 1 and not kept:
+            kept.append(shutil.copy(path, tmp_path / "epoch1.pt"))
+
+    monkeypatch.setattr(ck, "save_checkpoint", save_and_keep_epoch_1)
+    tb = tmp_path / "tb" / "student"
+    run(tiny, tmp_path / "a", 2, tensorboard=tb)
+    history = json.loads((tmp_path / "a" / "history.json").read_text())
+    steps = len(tiny.train) // 32
+    scalars = read_scalars(tb)
+    for tag, key in {"loss/total": "train_loss", "loss/hard": "train_hard_loss", "accuracy/train": "train_acc",
+                     "lr": "lr", "images_per_second": "images_per_second"}.items():  # fmt: skip
+        assert [s for s, _ in scalars[tag]] == [steps, 2 * steps], tag
+        assert [v for _, v in scalars[tag]] == pytest.approx([h[key] for h in history], rel=1e-6), tag
+    assert [s for s, _ in scalars["step/loss"]] == list(range(1, 2 * steps + 1))
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "epoch1.pt", tmp_path / "b" / "checkpoint.pt")  # died after epoch 1, resumed
+    run(tiny, tmp_path / "b", 2, resume=True, tensorboard=tb)
+    again = read_scalars(tb)
+    assert [s for s, _ in again["step/loss"]] == list(range(1, 2 * steps + 1))  # epoch 2 once, not twice
+    assert [s for s, _ in again["accuracy/train"]] == [steps, 2 * steps]
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 2
+
+
 def test_existing_checkpoint_needs_resume_or_overwrite(tiny, tmp_path):
     run(tiny, tmp_path, 1)
     with pytest.raises(TrainingError, match="--resume .* --overwrite"):
