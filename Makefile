@@ -14,11 +14,13 @@ setup:  ## Install uv (with pip) if missing, then the locked environment in .ven
 	@$(UV) sync --frozen --quiet
 	@# qemu-user: the x86 certificate runs ONNX Runtime's AVX2 kernels under qemu on VNNI CPUs (kdq/cpu.py).
 	@# dataset-fashion-mnist: Fashion-MNIST offline (/usr/share/datasets/fashion-mnist; kdq/data.py).
+	@# chromium: tests/test_report.py opens report.html in a real (headless) browser.
 	@missing=""; command -v qemu-x86_64 >/dev/null 2>&1 || missing="qemu-user"; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		$$missing >/dev/null; } || echo "make: install Debian's$$missing (AVX2 int8 certificate, Fashion-MNIST offline)" >&2
+		$$missing >/dev/null; } || echo "make: install Debian's$$missing (AVX2 int8 certificate, Fashion-MNIST offline, report test)" >&2
 
 demo: setup  ## The whole job offline on the embedded digits dataset: teacher, baseline, KD student, table
 	$(RUN) kdq pipeline --preset $(PRESET) --run-dir runs/$(PRESET) --resume

@@ -5,8 +5,8 @@ run wrote (`<stage>/history.json`, `evaluation_results.json`, `export-*/parity.j
 so what it shows can be checked against them. Sections whose files are missing are listed as such, so a
 partial run (say, only a teacher) still gets a report.
 
-Plots use matplotlib's object API on the Agg canvas (no pyplot, no global backend switch). The HTML is
-rendered from the Markdown by a small converter for the subset written here, with every image inlined.
+Plots use matplotlib's object API on the Agg canvas (no pyplot, no global backend switch). The HTML is the
+Markdown rendered by markdown-it-py (CommonMark with GitHub's tables), with every image inlined.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import base64
 import datetime
 import html
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from markdown_it import MarkdownIt
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -389,65 +389,30 @@ def build_markdown(run: Run, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-# --- HTML: the Markdown subset above, images inlined -----------------------------------------------
+# --- HTML: the Markdown rendered by markdown-it-py (CommonMark + tables), images inlined ----------
 
-_IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<src>[^)]+)\)$")
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em}
 th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}
 code{background:#f3f3f3;padding:0 .2em}"""
 
 
-def _inline(text: str) -> str:
-    text = html.escape(text, quote=False)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-    return re.sub(r"(?<![\w*])_(.+?)_(?![\w*])", r"<em>\1</em>", text)
-
-
-def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
-
-
 def markdown_to_html(markdown: str, base: Path, title: str) -> str:
-    """Headings, pipe tables, images on their own line (inlined as base64 PNG) and paragraphs."""
-    out, para, lines, i = [], [], markdown.splitlines(), 0
+    """A self-contained page: every image that is a file under `base` becomes a base64 `data:` URI, and raw HTML
+    in the Markdown is escaped (a class name from a user's dataset is text, not markup)."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
 
-    def flush():
-        if para:
-            out.append(f"<p>{_inline(' '.join(para))}</p>")
-            para.clear()
+    def inline_image(renderer, tokens, idx, options, env):
+        token = tokens[idx]
+        path = base / str(token.attrGet("src"))
+        if path.suffix == ".png" and path.is_file():
+            token.attrSet("src", "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode())
+        return renderer.image(tokens, idx, options, env)
 
-    while i < len(lines):
-        line = lines[i].strip()
-        if not line:
-            flush()
-        elif m := re.match(r"^(#{1,6}) (.*)$", line):
-            flush()
-            out.append(f"<h{len(m[1])}>{_inline(m[2])}</h{len(m[1])}>")
-        elif m := _IMAGE.match(line):
-            flush()
-            data = base64.b64encode((base / m["src"]).read_bytes()).decode()
-            out.append(f'<p><img alt="{html.escape(m["alt"])}" src="data:image/png;base64,{data}"></p>')
-        elif line.startswith("|"):
-            flush()
-            header, body = _cells(line), []
-            i += 2  # skip the |---| line
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                body.append(_cells(lines[i]))
-                i += 1
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in header) + "</tr></thead>")
-            out += ["<tbody>"] + ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body]
-            out.append("</tbody></table>")
-            continue
-        else:
-            para.append(line)
-        i += 1
-    flush()
-    body = "\n".join(out)
+    md.add_render_rule("image", inline_image)
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+        f"<style>{_CSS}</style></head>\n<body>\n{md.render(markdown)}</body></html>\n"
     )
 
 

@@ -164,12 +164,51 @@ def test_html_is_self_contained_and_shows_the_same_tables(report):
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not re.search(r"""(src|href)=["'](?!data:)""", page), "the page must not load anything"
-    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)">', page)
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="[^"]*"', page)
     linked = re.findall(r"^!\[[^\]]*\]\((.+?)\)$", md, flags=re.M)
     assert [base64.b64decode(i) for i in images] == [(out / p).read_bytes() for p in linked]
     assert page.count("<tr>") == sum(len(rows) + 1 for _, rows in tables(md))
     assert page.count("<table>") == len(tables(md)) and "<td>student_qat</td>" in page
     assert re.search(r"<strong>(PASSED|FAILED)</strong>", page)
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package, installed by `make setup`
+
+
+def test_report_renders_in_a_real_browser(report, tmp_path):
+    """Headless Chromium opens report.html: every table is laid out, every plot decodes and is drawn at a real
+    size, and the screenshot is a page, not a blank one."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium (as root)")
+    from playwright.sync_api import sync_playwright
+
+    out, md = report
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((out / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        images = page.evaluate(
+            "[...document.images].map(i => ({alt: i.alt, ok: i.complete && i.naturalWidth > 0,"
+            " width: i.getBoundingClientRect().width, height: i.getBoundingClientRect().height}))"
+        )
+        shown_tables = page.evaluate(
+            "[...document.querySelectorAll('table')].map(t => ({rows: t.rows.length,"
+            " height: t.getBoundingClientRect().height, text: t.rows[0].cells[0].innerText.trim()}))"
+        )
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    linked = re.findall(r"^!\[([^\]]*)\]\((.+?)\)$", md, flags=re.M)
+    assert [i["alt"] for i in images] == [alt for alt, _ in linked] and len(images) >= len(FULL_RUN_PLOTS)
+    broken = [i["alt"] for i in images if not i["ok"] or i["width"] < 300 or i["height"] < 150]
+    assert not broken, f"plots not rendered: {broken}"
+    assert [(t["text"], t["rows"]) for t in shown_tables] == [(key, len(rows) + 1) for key, rows in tables(md)]
+    assert all(t["height"] > 20 * t["rows"] for t in shown_tables)
+    with Image.open(shot) as im:
+        gray = im.convert("L")
+        assert im.height > 2000  # the whole page: tables and plots, not one screen
+        assert gray.getextrema()[0] < 64 and len(gray.getcolors(256) or []) > 50  # text and plots, not blank
 
 
 # --- without a pipeline run: plots and partial runs --------------------------------------------------
