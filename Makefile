@@ -4,7 +4,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen
 PRESET ?= demo
 
-.PHONY: setup demo test lint format bench bench-accuracy bench-flows clean help train-remote image services
+.PHONY: setup demo test test-python lint format bench bench-accuracy bench-flows clean help train-remote image services
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -27,6 +27,13 @@ demo: setup  ## The whole job offline on the embedded digits dataset: teacher, b
 
 test: setup lint  ## Lint, then the test suite
 	$(RUN) pytest
+
+# A second Python (3.10-3.13 share one uv.lock): pyenv's interpreter if there is one, else python$(PY) on PATH.
+PY ?= 3.10
+PY_BIN = $(or $(firstword $(wildcard $(HOME)/.pyenv/versions/$(PY).*/bin/python$(PY))),python$(PY))
+PYTEST_ARGS ?= -m "not pipeline"
+test-python:  ## The suite on another Python in .venv-PY (PY=3.10 default; PYTEST_ARGS= for all of it)
+	UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=.venv-$(PY) $(UV) run --frozen --python $(PY_BIN) pytest $(PYTEST_ARGS)
 
 lint: setup  ## ruff lint + format check
 	$(RUN) ruff check .

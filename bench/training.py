@@ -33,9 +33,10 @@ import torch.nn.functional as F
 
 from bench.common import Table, print_table, run_alone
 from kdq.checkpoint import HISTORY
-from kdq.config import Augment, Optim, get_preset
+from kdq.config import Augment, Optim
 from kdq.data import Dataset, Normalize, Split, augment, shuffled_batches
 from kdq.models import build_model
+from kdq.presets import get_preset
 from kdq.train import Runtime, fit
 
 CIFAR10_TRAIN_IMAGES = 50_000

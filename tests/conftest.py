@@ -13,6 +13,14 @@ import torch
 from kdq.data import CIFAR10_CLASSES, Dataset, Split, load_digits
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the session's smoke pipeline run (directly or through another fixture) are marked
+    `pipeline`: `make test-python` runs the others on a second Python version within CI's time."""
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.pipeline)
+
+
 @pytest.fixture(scope="session")
 def digits() -> Dataset:
     return load_digits()
