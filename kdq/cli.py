@@ -207,22 +207,54 @@ def main() -> None:
     """
 
 
+def weights_options(model: str):
+    """--pretrained / --weights FILE: where the model's training starts (the recipe's `MODEL_weights`)."""
+
+    def decorate(f):
+        f = click.option(
+            "--weights",
+            "weights_file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help=f"Start the {model} from this state_dict file (torchvision's format or a kdq checkpoint): tensors "
+            "whose name and shape fit are loaded, the stem is re-initialized.",
+        )(f)
+        f = click.option(
+            "--pretrained",
+            is_flag=True,
+            help=f"Start the {model} from torchvision's ImageNet weights (downloaded once into the torch hub cache; "
+            "offline, read from it). The CIFAR stem and the classifier start fresh  [default: the recipe's]",
+        )(f)
+
+        @functools.wraps(f)
+        def wrapper(*args, pretrained: bool, weights_file: Path | None, **kwargs):
+            if pretrained and weights_file:
+                raise KdqError("give --pretrained or --weights, not both")
+            weights = "imagenet" if pretrained else str(weights_file) if weights_file else None
+            return f(*args, weights=weights, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 @main.command()
 @run_options
 @optim_options
 @click.option("--arch", type=click.Choice(TEACHERS), default=None, help="Teacher  [default: the preset's]")
-@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (needs internet once).")
-def teacher(preset: Preset, run_dir: Path, opts, optim, augment, arch, pretrained) -> None:
+@weights_options("teacher")
+def teacher(preset: Preset, run_dir: Path, opts, optim, augment, arch, weights) -> None:
     """Train the teacher (a CIFAR-stem ResNet) -> RUN/teacher/checkpoint.pt."""
     from kdq import recipes
 
     preset = with_overrides(
         preset,
         teacher=arch,
+        teacher_weights=weights,
         teacher_optim=with_overrides(preset.teacher_optim, **optim),
         augment=with_overrides(preset.augment, **augment),
     )
-    path = recipes.train_teacher(preset, run_dir, opts, pretrained=pretrained)
+    path = recipes.train_teacher(preset, run_dir, opts)
     click.echo(path)
 
 
@@ -300,6 +332,7 @@ def _student_options(f):
                 "xnnpack (pt2e flow, ExecuTorch, --target mobile)  [default: the preset's, x86]",
             ),
             flow_option("With --qat: "),
+            weights_options("student"),
         ]
     ):
         f = d(f)
@@ -334,6 +367,7 @@ def _train_student(
     init,
     backend,
     flow,
+    weights,
 ) -> None:
     from kdq import recipes
     from kdq.losses import KDLoss
@@ -343,6 +377,7 @@ def _train_student(
     preset = with_overrides(
         preset, alpha=alpha, temperature=temperature, student_dropout=dropout, student_width=width, kd_loss=kd_loss
     )
+    preset = with_overrides(preset, student_weights=weights)
     preset = with_overrides(preset, augment=with_overrides(preset.augment, **augment))
     if (backend or flow) and not qat:
         raise KdqError("--backend and --flow apply to --qat training only (a float student has no int8 kernels)")

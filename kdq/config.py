@@ -82,6 +82,10 @@ class Preset:
     dataset: str  # a name from DATASETS
     teacher: str  # a name from kdq.models.TEACHERS
     student: str = "mobilenet_v2_os16"
+    # Where training starts: "" (random init), "imagenet" (torchvision's ImageNet weights: downloaded once into
+    # the torch hub cache, read from it offline) or the path of a state_dict file (`kdq.models.load_start_weights`).
+    teacher_weights: str = ""
+    student_weights: str = ""
     student_width: float = 1.0
     student_dropout: float = 0.1
     teacher_optim: Optim = field(default_factory=lambda: Optim(epochs=50, lr=0.05))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.error import URLError
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet
+from torchvision.models import get_model_weights, resnet
 from torchvision.models.quantization.mobilenetv2 import QuantizableInvertedResidual, QuantizableMobileNetV2
 
 from kdq.config import CIFAR_RESNETS, STUDENTS, TEACHERS
+from kdq.errors import KdqError
 
 RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
     name: getattr(resnet, name) for name in TEACHERS if name not in CIFAR_RESNETS
@@ -48,14 +50,11 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def cifar_resnet(name: str, num_classes: int, pretrained: bool = False) -> resnet.ResNet:
-    """torchvision ResNet with a CIFAR stem: 3x3 stride-1 first conv and no max-pool.
-
-    With `pretrained`, ImageNet weights initialise everything but the stem and the classifier.
-    """
+def cifar_resnet(name: str, num_classes: int) -> resnet.ResNet:
+    """torchvision ResNet with a CIFAR stem: 3x3 stride-1 first conv and no max-pool."""
     if name not in RESNETS:
         raise ValueError(f"unknown teacher {name!r}; choose from: {', '.join(TEACHERS)}")
-    model = RESNETS[name](weights="IMAGENET1K_V1" if pretrained else None)
+    model = RESNETS[name](weights=None)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     model.fc = nn.Linear(model.fc.in_features, num_classes)
@@ -133,3 +132,59 @@ def count_parameters(model: nn.Module) -> int:
             bias = m.bias()
             n += m.weight().numel() + (bias.numel() if bias is not None else 0)
     return n
+
+
+# --- pretrained starts ------------------------------------------------------------------------------
+
+# torchvision's ImageNet model each architecture's weights come from; the CIFAR ResNets have none.
+IMAGENET_MODELS = {**{name: name for name in RESNETS}, **{name: "mobilenet_v2" for name in STUDENTS}}
+# The stem of each family: at 32x32 kdq uses a CIFAR stem (ResNet: 3x3 stride-1 conv instead of 7x7 stride-2
+# conv + max-pool; MobileNetV2: its 3x3 conv at stride 1 instead of 2), which sees pixels at another scale
+# than the ImageNet stem did, so the stem (conv and its batch norm) starts from a fresh init.
+STEMS = ("conv1.", "bn1.", "features.0.")
+
+
+class WeightsError(KdqError):
+    """Start weights that cannot be had or do not fit the architecture."""
+
+
+def start_weights(arch: str, source: str) -> dict[str, torch.Tensor]:
+    """The state_dict `source` names: "imagenet" (torchvision's weights, through the torch hub cache) or a file."""
+    if source == "imagenet":
+        if arch not in IMAGENET_MODELS:
+            raise WeightsError(f"{arch} has no ImageNet weights in torchvision; start from a file with --weights")
+        weights = get_model_weights(IMAGENET_MODELS[arch]).IMAGENET1K_V1
+        try:
+            return weights.get_state_dict(progress=False)
+        except (OSError, URLError) as e:  # offline, and not in the hub cache yet
+            raise WeightsError(
+                f"ImageNet weights of {IMAGENET_MODELS[arch]} are not in the torch hub cache ({torch.hub.get_dir()}) "
+                f"and cannot be downloaded ({e}): fetch {weights.url} there, or pass --weights FILE"
+            ) from e
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file {source} not found") from None
+    except Exception as e:  # not a torch file, or not tensors only
+        raise WeightsError(f"{source}: not a weights file torch.load can read safely ({e.__class__.__name__})") from e
+    state = state.get("model", state) if isinstance(state, dict) else state  # a kdq checkpoint holds it as "model"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{source}: expected a state_dict (names -> tensors)")
+    return state
+
+
+def load_start_weights(model: nn.Module, arch: str, source: str) -> list[str]:
+    """Copy every tensor of `source` whose name and shape match into `model`, except the stem's (see STEMS).
+
+    Returns the names left at their fresh init (the stem, a classifier of another class count...)."""
+    state = start_weights(arch, source)
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape and not k.startswith(STEMS)}
+    body = [k for k in own if not k.startswith(STEMS) and k.endswith("weight")]
+    if sum(k in fits for k in body) < 0.9 * len(body):  # all but a classifier of another class count
+        raise WeightsError(
+            f"no weights of {source} fit {arch}: {sum(k in fits for k in body)} of its {len(body)} weight tensors "
+            "match by name and shape (a different architecture or width?)"
+        )
+    model.load_state_dict(fits, strict=False)
+    return sorted(set(own) - set(fits))

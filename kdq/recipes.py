@@ -23,7 +23,7 @@ from kdq.config import Preset
 from kdq.data import Dataset, Normalize, load_dataset, split_validation, subset_training
 from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import check_writable, save_json, save_torch
-from kdq.models import build_model
+from kdq.models import build_model, load_start_weights
 from kdq.quant import FLOAT_MODEL, QUANTIZATION, Scheme, default_scheme, get_flow, int8_model, is_quantized
 from kdq.tblog import TB_DIR
 from kdq.train import CHECKPOINT, Distill, Runtime, TrainingError, fit, setup_runtime
@@ -56,14 +56,23 @@ def load_data(preset: Preset, opts: RunOptions) -> Dataset:
     return split_validation(data, preset.val_fraction, preset.seed)
 
 
-def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions, pretrained: bool = False) -> Path:
+def _start_from(model: torch.nn.Module, arch: str, source: str, stage: str) -> None:
+    """Pretrained start (`Preset.teacher_weights` / `student_weights`); says what stayed at its fresh init."""
+    if source:
+        fresh = load_start_weights(model, arch, source)
+        heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
+        print(f"[{stage}] starting from {source} weights; fresh init: {', '.join(heads) or 'nothing'}", file=sys.stderr)
+
+
+def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions) -> Path:
     rt = setup_runtime(opts.device)
     if rt.is_main:
         check_writable(Path(run_dir) / "teacher", create=False)  # before the data loads
     data = load_data(preset, opts)
     torch.manual_seed(preset.seed)
     arch = {"name": preset.teacher, "num_classes": len(data.classes), "kwargs": {}}
-    model = build_model(preset.teacher, len(data.classes), **({"pretrained": True} if pretrained else {}))
+    model = build_model(preset.teacher, len(data.classes))
+    _start_from(model, preset.teacher, preset.teacher_weights, "teacher")
     fit(
         model,
         arch,
@@ -158,6 +167,8 @@ def train_student(
     kwargs = {"width_mult": preset.student_width, "dropout": preset.student_dropout}
     arch = {"name": preset.student, "num_classes": len(data.classes), "kwargs": kwargs}
     model = build_model(preset.student, len(data.classes), **kwargs)
+    if not qat:  # QAT starts from the float student (`init`)
+        _start_from(model, preset.student, preset.student_weights, stage)
     optim, extra, hook = preset.student_optim, None, None
     if qat:
         q = preset.quant
