@@ -20,6 +20,7 @@ The same job on each scheduler (from the repo root, which ships a ``.torchxconfi
 
 import dataclasses
 import shlex
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from torchx import specs
@@ -68,6 +69,11 @@ def _flags(**options: object) -> List[str]:
             continue
         argv += [flag] if value is True else [flag, str(value)]
     return argv
+
+
+def _recipe_flags(preset: str, recipe: Optional[str]) -> List[str]:
+    """A recipe file replaces the preset (kdq refuses both)."""
+    return _flags(recipe=recipe) if recipe else _flags(preset=preset)
 
 
 def _escape(arg: str) -> str:
@@ -156,6 +162,7 @@ def teacher(
     rdzv_port: int = 29500,
     name: Optional[str] = None,
     preset: str = "demo",
+    recipe: Optional[str] = None,
     run_dir: Optional[str] = None,
     data_dir: Optional[str] = None,
     epochs: Optional[int] = None,
@@ -182,7 +189,8 @@ def teacher(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-teacher)
-        preset: kdq recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
+        preset: kdq's built-in recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
+        recipe: a recipe file as the job sees it, instead of the preset (`kdq recipe show` starts one)
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
         epochs: epochs (None: the preset's)
@@ -193,7 +201,7 @@ def teacher(
         resume: continue from RUN_DIR/teacher/checkpoint.pt if there is one (use with max_retries)
         overwrite: replace an existing checkpoint
     """
-    argv = ["teacher", *_flags(preset=preset, run_dir=run_dir, data_dir=data_dir, epochs=epochs)]
+    argv = ["teacher", *_recipe_flags(preset, recipe), *_flags(run_dir=run_dir, data_dir=data_dir, epochs=epochs)]
     argv += _flags(batch_size=batch_size, lr=lr, arch=arch, device=device, resume=resume, overwrite=overwrite)
     steps = [_Step([*argv, *kdq_args])]
     return _app("teacher", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)
@@ -213,6 +221,7 @@ def distill(
     rdzv_port: int = 29500,
     name: Optional[str] = None,
     preset: str = "demo",
+    recipe: Optional[str] = None,
     run_dir: Optional[str] = None,
     data_dir: Optional[str] = None,
     teacher: Optional[str] = None,
@@ -243,7 +252,8 @@ def distill(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-distill)
-        preset: kdq recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
+        preset: kdq's built-in recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
+        recipe: a recipe file as the job sees it, instead of the preset (`kdq recipe show` starts one)
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
         teacher: teacher checkpoint (None: RUN_DIR/teacher/checkpoint.pt)
@@ -257,7 +267,8 @@ def distill(
         resume: continue from the stage's checkpoint if there is one (use with max_retries)
         overwrite: replace an existing checkpoint
     """
-    argv = ["distill", *_flags(preset=preset, run_dir=run_dir, data_dir=data_dir, teacher=teacher, qat=qat)]
+    argv = ["distill", *_recipe_flags(preset, recipe), *_flags(run_dir=run_dir, data_dir=data_dir, teacher=teacher)]
+    argv += _flags(qat=qat)
     argv += _flags(epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, temperature=temperature)
     argv += _flags(device=device, resume=resume, overwrite=overwrite)
     steps = [_Step([*argv, *kdq_args])]
@@ -329,6 +340,7 @@ def pipeline(
     rdzv_port: int = 29500,
     name: Optional[str] = None,
     preset: str = "demo",
+    recipe: Optional[str] = None,
     run_dir: Optional[str] = None,
     data_dir: Optional[str] = None,
     teacher_epochs: Optional[int] = None,
@@ -359,8 +371,9 @@ def pipeline(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-pipeline)
-        preset: kdq recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
-        run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
+        preset: kdq's built-in recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
+        recipe: a recipe file as the job sees it, instead of the preset (`kdq recipe show` starts one)
+        run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET or runs/RECIPE)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
         teacher_epochs: teacher epochs (None: the preset's)
         epochs: baseline and student epochs (None: the preset's)
@@ -371,9 +384,9 @@ def pipeline(
         device: auto, cpu, cuda (None: auto)
         resume: skip or continue finished stages (a retried job picks up where it stopped)
     """
-    run = _flags(preset=preset, run_dir=run_dir, data_dir=data_dir)
+    root = run_dir or f"runs/{Path(recipe).stem if recipe else preset}"
+    run = [*_recipe_flags(preset, recipe), *_flags(run_dir=root, data_dir=data_dir)]
     common = _flags(batch_size=batch_size, device=device, resume=resume)
-    root = run_dir or f"runs/{preset}"
     backend = backend or ("qnnpack" if target == "arm" else "x86")
     checkpoints = [f"{root}/{stage}/{CHECKPOINT}" for stage in STAGES]
     steps = [

@@ -51,6 +51,14 @@ def test_one_process_runs_kdq_itself():
     assert role.args == ["distill", "--preset", "demo", "--run-dir", "/runs/demo", "--qat", "--epochs", "1"]
 
 
+def test_a_recipe_file_replaces_the_preset():
+    assert components.teacher(recipe="/cfg/my.toml").roles[0].args[:3] == ["teacher", "--recipe", "/cfg/my.toml"]
+    assert components.distill(recipe="/cfg/my.toml").roles[0].args[:3] == ["distill", "--recipe", "/cfg/my.toml"]
+    script = components.pipeline(recipe="/cfg/my.toml").roles[0].args[1]
+    assert "--preset" not in script and script.count("--recipe /cfg/my.toml --run-dir runs/my") == 5
+    assert "kdq report runs/my" in script
+
+
 def test_qat_is_forwarded_by_default_and_can_be_turned_off():
     assert "--qat" in components.distill().roles[0].args
     assert "--qat" not in components.distill(qat=False).roles[0].args
