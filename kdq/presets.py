@@ -95,7 +95,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str):
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise RecipeError(f"unknown key {prefix + unknown[0]!r}; {prefix or 'the top level'} has: {', '.join(fields)}")
+        table = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise RecipeError(f"unknown key {prefix + unknown[0]!r}; {table} has: {', '.join(fields)}")
     required = [f.name for f in fields.values() if f.default is f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in data]
     if missing:
