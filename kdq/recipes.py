@@ -293,6 +293,7 @@ def _soft_targets_for(
             f"teacher checkpoint {teacher_path} not found; run `kdq teacher` first or pass --teacher"
         )
     path, key = run_dir / SOFT_TARGETS, soft_targets_key(teacher_path, data)
+    saved = None  # other ranks read the file rank 0 checked (or wrote)
     if rt.is_main:
         saved = ck.load_weights(path, "soft targets file") if path.exists() else None
         stale = isinstance(saved, dict) and {k: saved.get(k) for k in key} != key
@@ -300,9 +301,11 @@ def _soft_targets_for(
             print(f"[soft-targets] {path} was made by another teacher or on other data: recomputing", file=sys.stderr)
         if saved is None or stale:
             compute_soft_targets(teacher_path, data, path, opts.device)
+            saved = None
     if rt.world_size > 1:
         torch.distributed.barrier()
-    saved = ck.load_weights(path, "soft targets file")
+    if saved is None:
+        saved = ck.load_weights(path, "soft targets file")
     logits = saved.get("logits") if isinstance(saved, dict) else None
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != len(data.train):
         raise TrainingError(f"{path} is not a soft targets file for this data; delete it or run `kdq soft-targets`")
