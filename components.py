@@ -351,6 +351,7 @@ def pipeline(
     backend: Optional[str] = None,
     device: Optional[str] = None,
     resume: bool = True,
+    require_teacher_ahead: bool = False,
 ) -> specs.AppDef:
     """
     One job, the stages of `kdq pipeline`: teacher -> soft targets -> baseline -> KD student -> QAT-KD student
@@ -383,6 +384,7 @@ def pipeline(
         backend: int8 kernels QAT trains for (None: qnnpack for the arm target, else x86)
         device: auto, cpu, cuda (None: auto)
         resume: skip or continue finished stages (a retried job picks up where it stopped)
+        require_teacher_ahead: stop before the KD student unless the teacher beat the baseline on validation
     """
     root = run_dir or f"runs/{Path(recipe).stem if recipe else preset}"
     run = [*_recipe_flags(preset, recipe), *_flags(run_dir=root, data_dir=data_dir)]
@@ -395,7 +397,9 @@ def pipeline(
         # made by another teacher, is recomputed by the student training itself).
         _Step(["soft-targets", *run, *_flags(device=device)], False, True, unless_exists=f"{root}/soft_targets.pt"),
         _Step(["baseline", *run, *_flags(epochs=epochs), *common, *kdq_args]),
-        _Step(["distill", *run, *_flags(epochs=epochs), *common, *kdq_args]),
+        _Step(
+            ["distill", *run, *_flags(epochs=epochs, require_teacher_ahead=require_teacher_ahead), *common, *kdq_args]
+        ),  # fmt: skip
         _Step(
             [
                 "distill",

@@ -409,11 +409,21 @@ def _train_student(
     default=None,
     help="Weight of the teacher's soft targets in [0, 1]; 0 trains the baseline  [default: the preset's]",
 )
-def distill(preset: Preset, run_dir: Path, opts, alpha, **kwargs) -> None:
+@click.option(
+    "--require-teacher-ahead",
+    is_flag=True,
+    help="Stop unless RUN/teacher's best validation accuracy is above RUN/baseline's (both must be trained), "
+    "as `kdq pipeline --require-teacher-ahead` does.",
+)
+def distill(preset: Preset, run_dir: Path, opts, alpha, require_teacher_ahead, **kwargs) -> None:
     """Distil the MobileNetV2 student from the teacher -> RUN/student/checkpoint.pt.
 
     Loss: alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels).
     """
+    if require_teacher_ahead:
+        from kdq.pipeline import check_teacher_ahead
+
+        check_teacher_ahead(run_dir, required=True)
     _train_student(preset, run_dir, opts, alpha, **kwargs)
 
 

@@ -321,3 +321,15 @@ def test_pipeline_warns_loudly_or_stops_when_the_teacher_is_not_ahead(tmp_path, 
     )
     _fake_stage_histories(tmp_path, 0.62, 0.52)
     assert pipeline.check_teacher_ahead(tmp_path, required=True)["lead"] == pytest.approx(0.10)
+
+
+def test_distill_can_require_the_teacher_ahead_as_the_torchx_pipeline_job_does(tmp_path):
+    import components
+
+    _fake_stage_histories(tmp_path, 0.52, 0.62)
+    argv = ["distill", "--preset", "smoke", "--run-dir", str(tmp_path), "--require-teacher-ahead"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 1 and "is not ahead of the no-KD baseline" in result.output
+    assert not (tmp_path / "student").exists()
+    script = components.pipeline(require_teacher_ahead=True).roles[0].args[1]
+    assert script.count("--require-teacher-ahead") == 1 and "kdq distill" in script.split("--require-teacher-ahead")[0]
