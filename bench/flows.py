@@ -23,25 +23,30 @@ EXPORTS = ("export-x86", "export-x86-pt2e", "export-mobile")
 RUNTIMES = ("pytorch", "torchscript", "pt2", "onnxruntime", "executorch")
 
 
-def measure(run_dir: Path) -> dict:
+def measure(run_dir: Path, latency: bool = True) -> dict:
+    """Each export's certificate; a rejected export (`EXPORT.rejected`) is reported with the gates it failed.
+    Without `latency`, the latency cells are left out (measured on a busy machine, say)."""
     env = environment()
     rows = {}
     for name in EXPORTS:
         folder = run_dir / name
         if not (folder / "parity.json").is_file():
+            folder = run_dir / f"{name}.rejected"
+        if not (folder / "parity.json").is_file():
             continue
         parity = json.loads((folder / "parity.json").read_text())
         manifest = json.loads((folder / "manifest.json").read_text())
-        latency = {(r["runtime"], r["precision"], r["batch"]): r["ms"] for r in parity["latency"] if r["threads"] == 1}
+        cells = {(r["runtime"], r["precision"], r["batch"]): r["ms"] for r in parity["latency"] if r["threads"] == 1}
         rows[name] = {
             "flow": manifest["target"]["flow"] if "flow" in manifest["target"] else "eager",
             "backend": manifest["target"]["backend"],
             "stage": manifest["source"]["stage"],
             "passed": parity["passed"],
+            "failed_gates": sorted({c["name"].split("[")[0] for c in parity["checks"] if not c["passed"]}),
             "accuracy": parity["accuracy"],
             "agreement": {k: v["top1_agreement"] for k, v in parity["agreement"].items()},
             "sizes_bytes": parity["sizes_bytes"],
-            "latency_ms_t1": {f"{rt}_{p}_b{b}": ms for (rt, p, b), ms in latency.items()},
+            "latency_ms_t1": {f"{rt}_{p}_b{b}": ms for (rt, p, b), ms in cells.items()} if latency else {},
             "measured_on": parity["where"],
         }
     return {"run": str(run_dir), "exports": rows, "environment": finish(env)}
@@ -57,27 +62,31 @@ def tables(result: dict) -> list[Table]:
             ", ".join(f"{k.removesuffix('_int8')} {v:.2%}" for k, v in int8.items()),
             ", ".join(f"{k} {v:.2%}" for k, v in e["agreement"].items() if "@" not in k),
             ", ".join(f"{fmt} {b / 1e6:.2f}" for fmt, b in e["sizes_bytes"].items()),
-            "passed" if e["passed"] else "FAILED",
+            "passed" if e["passed"] else f"FAILED: {', '.join(e.get('failed_gates', []))}",
         ])  # fmt: skip
         for rt in RUNTIMES:
             cells = [e["latency_ms_t1"].get(f"{rt}_{p}_b{b}") for p in ("int8", "fp32") for b in (1, 64)]
             if any(c is not None for c in cells):
                 lat_rows.append([name, rt, *("—" if c is None else f"{c:.2f}" for c in cells)])
-    return [
-        Table("Eager vs PT2E: accuracy on the test split, agreement with PyTorch int8, file sizes (MB)",
-              ["export", "flow / backend", "float", "int8 per runtime", "top-1 agreement", "MB", "certificate"],
-              acc_rows),
-        Table("Latency at 1 thread, ms (median of interleaved rounds; PyTorch runs a PT2E model as Q/DQ in float)",
-              ["export", "runtime", "int8 b1", "int8 b64", "fp32 b1", "fp32 b64"], lat_rows),
-    ]  # fmt: skip
+    accuracy = Table("Eager vs PT2E: accuracy on the test split, agreement with PyTorch int8, file sizes (MB)",
+                     ["export", "flow / backend", "float", "int8 per runtime", "top-1 agreement", "MB", "certificate"],
+                     acc_rows)  # fmt: skip
+    title = "Latency at 1 thread, ms (median of interleaved rounds; PyTorch runs a PT2E model as Q/DQ in float)"
+    latency = Table(title, ["export", "runtime", "int8 b1", "int8 b64", "fp32 b1", "fp32 b64"], lat_rows)
+    return [accuracy, latency] if lat_rows else [accuracy]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.flows", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--name", default=None, help="results file name  [default: flows-RUN]")
+    parser.add_argument(
+        "--no-latency",
+        action="store_true",
+        help="leave the certificates' latency out (they were measured while the machine was busy)",
+    )
     args = parser.parse_args(argv)
-    result = measure(args.run_dir)
+    result = measure(args.run_dir, latency=not args.no_latency)
     if not result["exports"]:
         raise SystemExit(f"{args.run_dir}: none of {', '.join(EXPORTS)} has a parity.json")
     for table in tables(result):
