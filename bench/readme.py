@@ -75,6 +75,7 @@ SOURCES: dict[str, tuple[str, Callable[[dict], list[str | Table]]]] = {
     "int8-paths": ("results/int8_paths.json", int8_paths.tables),
     "bench": ("results/bench.json", bench_parts),
     "flows": ("results/flows-demo.json", flows.tables),
+    "flows-fashion-mnist": ("results/flows-fashion-mnist.json", flows.tables),
 }
 
 
