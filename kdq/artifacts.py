@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kdq
 from kdq.errors import KdqError
-from kdq.tomlfile import read_toml
+from kdq.tomlfile import read_toml, shipped_folder
 
 MANIFEST = "manifest.json"
 PARITY_JSON = "parity.json"
@@ -61,13 +60,7 @@ class ExportError(KdqError):
     """The export could not be produced, or it failed its parity gates."""
 
 
-def _targets_dir() -> Path:
-    """The repo's top-level `export/` folder; an installed wheel carries a copy as `kdq/targets/`."""
-    packaged = Path(kdq.__file__).parent / "targets"
-    return packaged if packaged.is_dir() else Path(kdq.__file__).resolve().parents[1] / "export"
-
-
-TARGETS_DIR = _targets_dir()
+TARGETS_DIR = shipped_folder("export", "targets")
 
 
 @dataclass(frozen=True)

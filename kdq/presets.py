@@ -17,7 +17,6 @@ from typing import Any
 
 import tomli_w
 
-import kdq
 from kdq.config import (
     BACKENDS,
     DATASETS,
@@ -30,20 +29,14 @@ from kdq.config import (
     Preset,
 )
 from kdq.errors import KdqError
-from kdq.tomlfile import read_toml
+from kdq.tomlfile import read_toml, shipped_folder
 
 
 class RecipeError(KdqError):
     """A recipe file or preset name that cannot be used."""
 
 
-def _recipes_dir() -> Path:
-    """The repo's top-level `recipes/` folder; an installed wheel carries a copy as `kdq/recipes_toml/`."""
-    packaged = Path(kdq.__file__).parent / "recipes_toml"
-    return packaged if packaged.is_dir() else Path(kdq.__file__).resolve().parents[1] / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
+RECIPES_DIR = shipped_folder("recipes", "recipes_toml")
 PRESET_NAMES = tuple(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
 
 # Allowed values, by field name (wherever the field sits).
