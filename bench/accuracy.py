@@ -71,7 +71,7 @@ class Bench:
     def __init__(self, preset: Preset, out_dir: Path, data_dir: Path):
         self.preset, self.out = preset, out_dir
         self.opts = RunOptions(data_dir=data_dir, resume=True)
-        self.test = load_dataset(preset.dataset, data_dir).test
+        self.test = load_dataset(preset.dataset, data_dir, image_size=preset.image_size).test
         self.seconds: dict[str, float] = {}
 
     def timed(self, name: str, make):

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
     student = args.run_dir / "student" / "checkpoint.pt"
     fckpt = ck.load_checkpoint(student)
     preset = Preset.from_dict(fckpt[ck.PRESET])
-    data = load_dataset(preset.dataset, args.data_dir)
+    data = load_dataset(preset.dataset, args.data_dir, image_size=preset.image_size)
     x = Normalize(**fckpt[ck.NORMALIZATION])(data.test.images).contiguous().numpy()
     labels = data.test.labels.numpy()
     emulator = avx2_emulator()

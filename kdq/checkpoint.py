@@ -34,6 +34,11 @@ RECIPE = "recipe"  # what a resumed run must not change: arch, optim, augment, s
 REQUIRED = (ARCH, MODEL, NORMALIZATION, CLASSES, STAGE)
 
 
+def input_size(ckpt: dict[str, Any]) -> int:
+    """The square input size the model was trained at (checkpoints from before `image_size` were 32 px)."""
+    return int(ckpt.get(PRESET, {}).get("image_size", 32))
+
+
 class CheckpointError(KdqError):
     """A checkpoint is missing, unsafe or not what the command needs."""
 

@@ -80,6 +80,14 @@ def run_options(f):
         click.option(
             "--download", is_flag=True, help="Download the dataset (CIFAR, Fashion-MNIST) if missing, md5-verified."
         ),
+        click.option(
+            "--image-size",
+            type=int,
+            default=None,
+            help="Square model input in pixels: every dataset is resized to it once at load time (class folders: "
+            "shorter side to N, then the center N x N); up to 64 px the models use a CIFAR stem, above it the "
+            "ImageNet stem  [default: the recipe's, 32]",
+        ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--resume", is_flag=True, help="Continue from the stage's checkpoint if there is one."),
         click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint instead of failing."),
@@ -119,6 +127,7 @@ def run_options(f):
         data_dir,
         dataset,
         download,
+        image_size,
         device,
         resume,
         overwrite,
@@ -132,7 +141,7 @@ def run_options(f):
         from kdq.recipes import RunOptions
 
         p = with_overrides(_recipe(preset, recipe), seed=seed, dataset=dataset, val_fraction=val_fraction)
-        p = with_overrides(p, train_subset=train_subset)
+        p = with_overrides(p, train_subset=train_subset, image_size=image_size)
         opts = RunOptions(data_dir, download, device, resume, overwrite, compile_, tensorboard)
         return f(p, Path(run_dir or Path("runs") / p.name), opts, **kwargs)
 

@@ -19,6 +19,18 @@ TEACHERS = (*CIFAR_RESNETS, "resnet18", "resnet34", "resnet50", "resnet101", "re
 # final maps, 24.5 M MACs; os8 also keeps the 24-channel stage at stride 1, 4x4 maps, 88 M MACs: the layout
 # of every published CIFAR MobileNetV2 (kuangliu 94.4%, chenyaofo 93.8%). kdq.models says more.
 STUDENTS = ("mobilenet_v2_os16", "mobilenet_v2_os8")
+# Input size and stem (kdq.models): up to CIFAR_STEM_MAX px a model keeps every pixel through its first layer
+# (CIFAR stem: ResNet 3x3 stride-1 conv without max-pool, MobileNetV2 stride-1 first conv); above it, the ImageNet
+# stem (ResNet 7x7 stride-2 conv + max-pool, MobileNetV2 stride-2 conv) quarters the pixels first, as torchvision's
+# ImageNet models do at 224. 64 is where the two meet: a 96 px image after the ImageNet stem of a ResNet is 24x24,
+# close to the 32x32 the CIFAR stem sees, while a CIFAR stem at 96 px costs 9x the MACs of 32 px.
+CIFAR_STEM_MAX = 64
+
+
+def stem_for(image_size: int) -> str:
+    return "cifar" if image_size <= CIFAR_STEM_MAX else "imagenet"
+
+
 SCHEDULES = ("onecycle", "cosine")  # per-step learning-rate schedules (kdq.train.make_scheduler)
 KD_LOSSES = ("hinton", "dist")  # kdq.losses: Hinton et al. 2015; DIST, Huang et al. 2022
 # int8 backends of each quantization flow (kdq.quant): x86 (servers, laptops); for ARM, the eager flow's qnnpack
@@ -81,6 +93,7 @@ class Preset:
     name: str
     dataset: str  # a name from DATASETS
     teacher: str  # a name from kdq.models.TEACHERS
+    image_size: int = 32  # square model input, px: every dataset is resized to it once at load time (kdq.data)
     student: str = "mobilenet_v2_os16"
     # Where training starts: "" (random init), "imagenet" (torchvision's ImageNet weights: downloaded once into
     # the torch hub cache, read from it offline) or the path of a state_dict file (`kdq.models.load_start_weights`).

@@ -1,7 +1,8 @@
 """Datasets as uint8 tensors, and augmentation done on whole batches on the training device.
 
-Every dataset becomes the same thing: `images` (N, 3, 32, 32) uint8 and `labels` (N,) int64 per split,
-plus class names. Training moves the tensors to the device once; no DataLoader or PIL in the hot loop.
+Every dataset becomes the same thing: `images` (N, 3, S, S) uint8 and `labels` (N,) int64 per split, plus
+class names; S is the recipe's `image_size` (32 by default). Training moves the tensors to the device once when
+they fit (`kdq.device_data` says where the limit is); no DataLoader or PIL in the hot loop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 from kdq.config import DATASETS, Augment
 from kdq.errors import KdqError
@@ -34,7 +37,7 @@ class DataError(KdqError):
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    images: torch.Tensor  # (N, 3, S, S) uint8
     labels: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
@@ -103,16 +106,41 @@ def subset_training(data: Dataset, size: int) -> Dataset:
     return dataclasses.replace(data, train=Split(data.train.images[keep], data.train.labels[keep]))
 
 
-def load_dataset(name: str, root: Path | str = "data", download: bool = False) -> Dataset:
-    if name == "digits":
-        return load_digits()
-    if name in CIFARS:
-        return load_cifar(name, Path(root), download=download)
-    if name == "fashion-mnist":
-        return load_fashion_mnist(Path(root), download=download)
+def load_dataset(
+    name: str, root: Path | str = "data", download: bool = False, image_size: int = IMAGE_SIZE, resize: bool = True
+) -> Dataset:
+    """A dataset at `image_size` x `image_size`: class folders are read at that size (`load_image_folder`); the
+    built-in datasets, square and 32x32 (digits upscaled, Fashion-MNIST padded), are resized once if it differs.
+    `resize=False` leaves them at 32 px, for a caller that drops images first (a subset, a validation split) and
+    then resizes fewer (`resized`): at 224 px every image takes 147 KB."""
     if name == "folder":
-        return load_image_folder(Path(root))
-    raise DataError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
+        return load_image_folder(Path(root), image_size=image_size)
+    if name == "digits":
+        data = load_digits()
+    elif name in CIFARS:
+        data = load_cifar(name, Path(root), download=download)
+    elif name == "fashion-mnist":
+        data = load_fashion_mnist(Path(root), download=download)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
+    return resized(data, image_size) if resize else data
+
+
+def resized(data: Dataset, size: int) -> Dataset:
+    """Every split resized to `size` x `size` (bilinear, antialiased), once, kept as uint8. Chunks are written
+    into one preallocated tensor: at 224 px a split is gigabytes, and concatenating chunks would hold it twice."""
+    if data.train.images.shape[-1] == size:
+        return data
+
+    def split(s: Split | None) -> Split | None:
+        if s is None:
+            return None
+        out = s.images.new_empty(len(s.images), 3, size, size)
+        for i in range(0, len(s.images), 1024):
+            out[i : i + 1024] = TF.resize(s.images[i : i + 1024], [size, size], antialias=True)
+        return Split(out, s.labels)
+
+    return dataclasses.replace(data, train=split(data.train), test=split(data.test), val=split(data.val))
 
 
 # --- scikit-learn digits: a real dataset that ships with a package, for offline runs -------------
@@ -299,10 +327,17 @@ def load_fashion_mnist(root: Path, download: bool = False, verify: bool = True) 
     return Dataset("fashion-mnist", split("train"), split("t10k"), list(FashionMNIST.classes))
 
 
-# --- bring your own: class folders (torchvision ImageFolder), resized to 32x32 --------------------
+# --- bring your own: class folders (torchvision ImageFolder), at the model's input size ----------
 
 
-def _read_folder(folder: Path, classes: list[str] | None = None) -> tuple[Split, list[str]]:
+def fit_image(im, size: int):
+    """torchvision's `Resize(size)` then `CenterCrop(size)` on a PIL image: the shorter side becomes `size`
+    (Pillow's bilinear filter), the longer one is cropped evenly, so no image is stretched. Edge apps
+    (deploy/edge) repeat these exact steps, so a photo gives the model the pixels it was trained on."""
+    return TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BILINEAR), [size, size])
+
+
+def _read_folder(folder: Path, classes: list[str] | None = None, size: int = IMAGE_SIZE) -> tuple[Split, list[str]]:
     from PIL import Image, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
@@ -310,29 +345,29 @@ def _read_folder(folder: Path, classes: list[str] | None = None) -> tuple[Split,
     ds = ImageFolder(str(folder))
     if classes is not None and ds.classes != classes:
         raise DataError(f"{folder}: classes {ds.classes} differ from the training classes {classes}")
-    images = []
-    for path, _ in ds.samples:
+    images = torch.empty(len(ds.samples), 3, size, size, dtype=torch.uint8)  # filled in place: one copy in memory
+    for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"reading {folder.name}", leave=False, disable=None)):
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-                images.append(pil_to_tensor(im))
+                images[i] = pil_to_tensor(fit_image(im.convert("RGB"), size))
         except (OSError, UnidentifiedImageError) as e:
             raise DataError(f"{path}: cannot decode image ({e.__class__.__name__}); fix or remove it") from e
-    return Split(torch.stack(images), torch.tensor(ds.targets, dtype=torch.long)), ds.classes
+    return Split(images, torch.tensor(ds.targets, dtype=torch.long)), ds.classes
 
 
-def load_image_folder(root: Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """`root/train/<class>/*` and `root/test/<class>/*`, or `root/<class>/*` split stratified 80/20."""
+def load_image_folder(root: Path, test_fraction: float = 0.2, seed: int = 0, image_size: int = IMAGE_SIZE) -> Dataset:
+    """`root/train/<class>/*` and `root/test/<class>/*`, or `root/<class>/*` split stratified 80/20; every image
+    read once at `image_size` (`fit_image`)."""
     if not root.is_dir():
         raise DataError(f"image folder {root} not found; give --data-dir a folder of class folders")
     try:
         if (root / "train").is_dir() and (root / "test").is_dir():
-            train, classes = _read_folder(root / "train")
-            test, _ = _read_folder(root / "test", classes)
+            train, classes = _read_folder(root / "train", size=image_size)
+            test, _ = _read_folder(root / "test", classes, image_size)
             return Dataset("folder", train, test, classes)
         from sklearn.model_selection import train_test_split
 
-        every, classes = _read_folder(root)
+        every, classes = _read_folder(root, size=image_size)
     except FileNotFoundError as e:  # ImageFolder: no class folders or no images
         raise DataError(f"{root}: {e}") from e
     train_idx, test_idx = train_test_split(

@@ -87,8 +87,9 @@ def evaluate_model(
     model = model.eval().cpu()
     logits = predict_logits(model, test.images, normalize)
     metrics = classification_metrics(logits, test.labels, classes)
-    b1 = cpu_latency_ms(model, 1, runs=latency_runs)
-    b64 = cpu_latency_ms(model, 64, runs=max(5, latency_runs // 5), warmup=3)
+    size = test.images.shape[-1]
+    b1 = cpu_latency_ms(model, 1, runs=latency_runs, image_size=size)
+    b64 = cpu_latency_ms(model, 64, runs=max(5, latency_runs // 5), warmup=3, image_size=size)
     return {
         **metrics,
         "parameters": count_parameters(model),

@@ -63,7 +63,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int, image_size: int = 32) 
         raise ExportError(f"the exported {path.name} is not valid ONNX ({str(e).strip().splitlines()[0][:200]})") from e
 
 
-def write_artifacts(model: nn.Module, flow: str, target: Target, folder: Path) -> dict:
+def write_artifacts(model: nn.Module, flow: str, target: Target, folder: Path, image_size: int = 32) -> dict:
     """Every format the target names, into `folder`; returns extra manifest entries (ExecuTorch's delegation)."""
     extra: dict = {}
     for fmt in target.formats:
@@ -71,14 +71,18 @@ def write_artifacts(model: nn.Module, flow: str, target: Target, folder: Path) -
         if fmt == "torchscript":
             export_torchscript(model, path)
         elif fmt == "onnx" and flow == "eager":
-            export_onnx(model, path, target.onnx_opset)
+            export_onnx(model, path, target.onnx_opset, image_size)
         elif fmt == "onnx":
-            pt2e_export.export_onnx_dynamo(model, path, target.onnx_opset)
+            pt2e_export.export_onnx_dynamo(model, path, target.onnx_opset, image_size)
         elif fmt == "pt2":
-            pt2e_export.export_pt2(model, path)
+            pt2e_export.export_pt2(model, path, image_size)
         elif fmt == "executorch":
-            extra["executorch"] = {"delegation": pt2e_export.export_executorch(model, path), "backend": "XNNPACK",
-                                   "max_batch": pt2e_export.PTE_MAX_BATCH}  # fmt: skip
+            delegation = pt2e_export.export_executorch(model, path, image_size)
+            extra["executorch"] = {
+                "delegation": delegation,
+                "backend": "XNNPACK",
+                "max_batch": pt2e_export.PTE_MAX_BATCH,
+            }
     return extra
 
 
@@ -86,14 +90,15 @@ def build_manifest(ckpt: dict, checkpoint: Path, target: Target, folder: Path) -
     import onnx
     import onnxruntime
 
-    norm = ckpt[ck.NORMALIZATION]
+    norm, size = ckpt[ck.NORMALIZATION], ck.input_size(ckpt)
     return {
         "format_version": 1,
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW"},
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(ckpt[ck.CLASSES])], "dtype": "float32"},
         "preprocessing": {
-            "size": [32, 32],
+            "size": [size, size],
             "resize": "bilinear",
+            "crop": "center",  # kdq.data.fit_image: shorter side to the size, then the center square
             "color": "RGB",
             "scale": 1 / 255,
             "mean": norm["mean"],
@@ -181,7 +186,7 @@ def export(
     model = int8_model(ckpt, checkpoint)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
-        extra = write_artifacts(model, flow, target, staging)
+        extra = write_artifacts(model, flow, target, staging, ck.input_size(ckpt))
         save_json({**build_manifest(ckpt, checkpoint, target, staging), **extra}, staging / MANIFEST)
         report: dict = {}
         if verify:
@@ -248,9 +253,9 @@ def _certify(ckpt: dict, checkpoint: Path, folder: Path, target: Target, data_di
             if "torchscript" in target.formats:
                 export_torchscript(fp32, Path(ref) / ARTIFACTS["torchscript"])
             if "onnx" in target.formats:
-                export_onnx(fp32, Path(ref) / ARTIFACTS["onnx"], target.onnx_opset)
+                export_onnx(fp32, Path(ref) / ARTIFACTS["onnx"], target.onnx_opset, ck.input_size(ckpt))
             if "executorch_int8_max_ratio_vs_fp32" in target.gates:  # ~45 s of lowering: only for its gate
-                pt2e_export.export_executorch(fp32, Path(ref) / ARTIFACTS["executorch"])
+                pt2e_export.export_executorch(fp32, Path(ref) / ARTIFACTS["executorch"], ck.input_size(ckpt))
         cmd = [sys.executable, "-m", "kdq.parity", str(folder), "--checkpoint", str(checkpoint),
                "--data-dir", str(data_dir), "--out", str(folder / PARITY_JSON)]  # fmt: skip
         if fp32 is not None:

@@ -1,4 +1,5 @@
-"""Teacher and student architectures for 32x32 images, built from torchvision and looked up by name."""
+"""Teacher and student architectures, built from torchvision and looked up by name; a CIFAR stem up to 64 px
+input, the ImageNet stem above (`kdq.config.stem_for`)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ class CifarResNet(nn.Module):
     teacher that trains in seconds on a CPU. Shortcuts that change shape are 1x1 conv + BN (option B; the paper
     used zero-padding, option A)."""
 
-    def __init__(self, depth: int, num_classes: int = 10):
+    def __init__(self, depth: int, num_classes: int = 10, stem: str = "cifar"):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         blocks, inplanes, layers = (depth - 2) // 6, 16, []
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        stride = 2 if _check_stem(stem) == "imagenet" else 1
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(inplace=True), *([nn.MaxPool2d(3, 2, 1)] if stride == 2 else []))  # fmt: skip
         for stage, planes in enumerate((16, 32, 64)):
             for i in range(blocks):
                 stride = 2 if stage and not i else 1
@@ -50,13 +53,20 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def cifar_resnet(name: str, num_classes: int) -> resnet.ResNet:
-    """torchvision ResNet with a CIFAR stem: 3x3 stride-1 first conv and no max-pool."""
+def _check_stem(stem: str) -> str:
+    if stem not in STEMS_BY_NAME:
+        raise ValueError(f"unknown stem {stem!r}; choose from: {', '.join(STEMS_BY_NAME)}")
+    return stem
+
+
+def cifar_resnet(name: str, num_classes: int, stem: str = "cifar") -> resnet.ResNet:
+    """torchvision ResNet; with the CIFAR stem (`kdq.config.stem_for`): 3x3 stride-1 first conv and no max-pool."""
     if name not in RESNETS:
         raise ValueError(f"unknown teacher {name!r}; choose from: {', '.join(TEACHERS)}")
     model = RESNETS[name](weights=None)
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+    if _check_stem(stem) == "cifar":
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
@@ -76,13 +86,17 @@ class CifarMobileNetV2(QuantizableMobileNetV2):
     `fuse_model`), inherited from `QuantizableMobileNetV2`.
     """
 
-    def __init__(self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1, output_stride: int = 16):
+    def __init__(
+        self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1, output_stride: int = 16,
+        stem: str = "cifar",
+    ):  # fmt: skip
         super().__init__(
             num_classes=num_classes, width_mult=width_mult, dropout=dropout, block=QuantizableInvertedResidual
         )
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
-        self.features[0][0].stride = (1, 1)  # stem
+        if _check_stem(stem) == "cifar":  # the ImageNet stem keeps torchvision's stride 2 (output stride x2)
+            self.features[0][0].stride = (1, 1)
         if output_stride == 8:
             self.features[2].conv[1][0].stride = (1, 1)  # depthwise conv of the 24-channel stage's first block
         _relu6_to_relu(self)
@@ -138,10 +152,12 @@ def count_parameters(model: nn.Module) -> int:
 
 # torchvision's ImageNet model each architecture's weights come from; the CIFAR ResNets have none.
 IMAGENET_MODELS = {**{name: name for name in RESNETS}, **{name: "mobilenet_v2" for name in STUDENTS}}
-# The stem of each family: at 32x32 kdq uses a CIFAR stem (ResNet: 3x3 stride-1 conv instead of 7x7 stride-2
+# The stem of each family: up to 64 px kdq uses a CIFAR stem (ResNet: 3x3 stride-1 conv instead of 7x7 stride-2
 # conv + max-pool; MobileNetV2: its 3x3 conv at stride 1 instead of 2), which sees pixels at another scale
-# than the ImageNet stem did, so the stem (conv and its batch norm) starts from a fresh init.
+# than the ImageNet stem did, so the stem (conv and its batch norm) starts from a fresh init. Above 64 px the
+# models keep the ImageNet stem, and its pretrained weights load like the rest.
 STEMS = ("conv1.", "bn1.", "features.0.")
+STEMS_BY_NAME = ("cifar", "imagenet")
 
 
 class WeightsError(KdqError):
@@ -173,14 +189,21 @@ def start_weights(arch: str, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def model_stem(model: nn.Module) -> str:
+    """ "cifar" or "imagenet": whether the first conv keeps every pixel (stride 1)."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return "cifar" if first.stride == (1, 1) else "imagenet"
+
+
 def load_start_weights(model: nn.Module, arch: str, source: str) -> list[str]:
     """Copy every tensor of `source` whose name and shape match into `model`, except the stem's (see STEMS).
 
     Returns the names left at their fresh init (the stem, a classifier of another class count...)."""
     state = start_weights(arch, source)
     own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape and not k.startswith(STEMS)}
-    body = [k for k in own if not k.startswith(STEMS) and k.endswith("weight")]
+    fresh_stem = STEMS if model_stem(model) == "cifar" else ()
+    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape and not k.startswith(fresh_stem)}
+    body = [k for k in own if not k.startswith(fresh_stem) and k.endswith("weight")]
     if sum(k in fits for k in body) < 0.9 * len(body):  # all but a classifier of another class count
         raise WeightsError(
             f"no weights of {source} fit {arch}: {sum(k in fits for k in body)} of its {len(body)} weight tensors "

@@ -265,7 +265,8 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     grid = dict(target["latency"])
     if latency_runs is not None:
         grid["runs"] = latency_runs
-    data = load_dataset(Preset.from_dict(ckpt[ck.PRESET]).dataset, data_dir)
+    preset = Preset.from_dict(ckpt[ck.PRESET])
+    data = load_dataset(preset.dataset, data_dir, image_size=preset.image_size)
     x = Normalize(**ckpt[ck.NORMALIZATION])(data.test.images).contiguous().numpy()
     labels = data.test.labels.numpy()
     formats = manifest["artifacts"]
@@ -313,7 +314,7 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
                                  "float_convs": sum(ops.get(op, 0) for op in FLOAT_CONVS)}  # fmt: skip
     if "executorch" in formats:  # recorded at lowering, in the sha256-checked manifest
         report["executorch_delegation"] = {**manifest["executorch"]["delegation"], "model_convs": count_convs(int8)}
-    report["latency"] = _latency_grid(runners, folder, reference, grid, ort_config)
+    report["latency"] = _latency_grid(runners, folder, reference, grid, ort_config, ck.input_size(ckpt))
     report["speedup_int8_vs_fp32"] = _speedups(report["latency"])
     report["where"] = environment({"torch": torch.get_num_threads(), "latency_grid": grid.get("threads", [1])})
     report["checks"] = check_gates(report, gates)
@@ -359,7 +360,10 @@ def _other_paths(names: list[str], checkpoint: Path, onnx: Path | None, x: np.nd
     return taken, missing
 
 
-def _latency_grid(runners: dict, folder: Path, reference: Path | None, grid: dict, ort_config: dict | None = None):
+def _latency_grid(
+    runners: dict, folder: Path, reference: Path | None, grid: dict, ort_config: dict | None = None,
+    image_size: int = 32,
+):  # fmt: skip
     """Median ms of every runtime x batch x thread count, measured in `rounds` interleaved rounds: each round
     times every cell once, so a slow spell of the machine hits both sides of a ratio alike."""
     rounds = grid.get("rounds", 1)
@@ -380,15 +384,17 @@ def _latency_grid(runners: dict, folder: Path, reference: Path | None, grid: dic
                 for batch in grid.get("batch_sizes", [1]):
                     total = grid.get("runs", 50) if batch == 1 else max(3, grid.get("runs", 50) // 5)
                     ms = latency_ms(run, batch, grid.get("warmup", 10) if batch == 1 else 2, max(3, total // rounds),
-                                    lambda t=threads: torch.set_num_threads(t))  # fmt: skip
+                                    lambda t=threads: torch.set_num_threads(t), image_size)  # fmt: skip
                     cells.setdefault((runtime, precision, batch, threads), []).append(ms)
     return [{"runtime": r, "precision": p, "batch": b, "threads": t, "ms": statistics.median(v), "rounds_ms": v}
             for (r, p, b, t), v in cells.items()]  # fmt: skip
 
 
-def latency_ms(run: Runner, batch: int, warmup: int, runs: int, set_threads: Callable[[], None]) -> float:
+def latency_ms(
+    run: Runner, batch: int, warmup: int, runs: int, set_threads: Callable[[], None], image_size: int = 32
+) -> float:
     set_threads()
-    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
     return median_ms(lambda: run(x), warmup, runs)
 
 

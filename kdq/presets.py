@@ -52,6 +52,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
     ("in [0, 1)", lambda v: 0 <= v < 1, ("momentum", "label_smoothing", "student_dropout", "val_fraction")),
     ("in [0, 1]", lambda v: 0 <= v <= 1, ("alpha", "freeze_bn_after", "freeze_observers_after")),
     ("in [2, 8]", lambda v: 2 <= v <= 8, ("activation_bits", "weight_bits")),
+    ("in [16, 1024]", lambda v: 16 <= v <= 1024, ("image_size",)),
 )  # fmt: skip
 RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {key: (text, ok) for text, ok, keys in _RULES for key in keys}
 

@@ -123,7 +123,9 @@ def _x86_quantizer_class():
     return OrtX86Quantizer
 
 
-def prepare(model: nn.Module, backend: str, qat: bool, activation_bits: int, weight_bits: int) -> nn.Module:
+def prepare(
+    model: nn.Module, backend: str, qat: bool, activation_bits: int, weight_bits: int, image_size: int = 32
+) -> nn.Module:
     """Export the float model (train mode for QAT: conv-bn fusion needs training batch norm) and prepare it."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
@@ -131,7 +133,8 @@ def prepare(model: nn.Module, backend: str, qat: bool, activation_bits: int, wei
     model = copy.deepcopy(model).cpu().train(qat)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = torch.export.export(model, (example_input(),), dynamic_shapes=dynamic_batch()).module()
+        x = example_input(image_size)
+        graph = torch.export.export(model, (x,), dynamic_shapes=dynamic_batch()).module()
         q = quantizer(backend, qat, activation_bits, weight_bits)
         prepared = prepare_qat_pt2e(graph, q) if qat else prepare_pt2e(graph, q)
     _allow_train_eval(prepared)

@@ -26,16 +26,18 @@ INT8_OPS = ("convolution", "quantize_per_tensor", "dequantize_per_tensor", "quan
             "dequantize_per_channel", "add")  # fmt: skip
 
 
-def _export_program(model: torch.nn.Module, max_batch: int | None = None) -> torch.export.ExportedProgram:
+def _export_program(
+    model: torch.nn.Module, image_size: int, max_batch: int | None = None
+) -> torch.export.ExportedProgram:
     """With `max_batch`, the example has that batch: ExecuTorch sizes its planned input from the example, not
     from the Dim's bound (an example batch of 2 gave a .pte that refused batches over 15)."""
-    x = example_input(batch=max_batch or EXAMPLE_BATCH)
+    x = example_input(image_size, batch=max_batch or EXAMPLE_BATCH)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(model, (x,), dynamic_shapes=dynamic_batch(max_batch))
 
 
-def export_onnx_dynamo(model: torch.nn.Module, path: Path, opset: int) -> None:
+def export_onnx_dynamo(model: torch.nn.Module, path: Path, opset: int, image_size: int = 32) -> None:
     """torch.onnx.export(dynamo=True): Q/DQ pairs (per-channel weights need onnxscript >= 0.7.1) that ONNX
     Runtime fuses into QLinearConv / QLinearAdd; one file (no external data)."""
     import onnx
@@ -43,8 +45,9 @@ def export_onnx_dynamo(model: torch.nn.Module, path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _export_program(model), (example_input(),), str(path), dynamo=True, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False, verbose=False,
+            _export_program(model, image_size), (example_input(image_size),), str(path), dynamo=True,
+            opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False,
+            verbose=False,
         )  # fmt: skip
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -52,16 +55,16 @@ def export_onnx_dynamo(model: torch.nn.Module, path: Path, opset: int) -> None:
         raise ExportError(f"the exported {path.name} is not valid ONNX ({str(e).strip().splitlines()[0][:200]})") from e
 
 
-def export_pt2(model: torch.nn.Module, path: Path) -> None:
+def export_pt2(model: torch.nn.Module, path: Path, image_size: int = 32) -> None:
     """torch.export.save: the Q/DQ program with its int8 weights, loadable with `load_pt2`."""
-    torch.export.save(_export_program(model), str(path))
+    torch.export.save(_export_program(model, image_size), str(path))
 
 
 def converted_cache(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.int8.pt2")
 
 
-def cached_int8(checkpoint: Path, convert: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def cached_int8(checkpoint: Path, convert: Callable[[], torch.nn.Module], image_size: int = 32) -> torch.nn.Module:
     """The converted model of a PT2E checkpoint, kept beside it as CHECKPOINT.int8.pt2.
 
     Why: converting a QAT checkpoint re-runs torchao's prepare and conv-bn folding, about a minute for
@@ -83,7 +86,7 @@ def cached_int8(checkpoint: Path, convert: Callable[[], torch.nn.Module]) -> tor
     model = convert()
     try:
         with atomic_output(cache) as tmp:
-            torch.export.save(_export_program(model), tmp, extra_files={"kdq": key})
+            torch.export.save(_export_program(model, image_size), tmp, extra_files={"kdq": key})
     except (OSError, KdqError):
         pass
     return model
@@ -99,7 +102,7 @@ def load_pt2(path: Path, extra_files: dict[str, str] | None = None) -> torch.nn.
         raise ExportError(f"{path}: not a loadable torch.export program ({first})") from e
 
 
-def export_executorch(model: torch.nn.Module, path: Path) -> dict:
+def export_executorch(model: torch.nn.Module, path: Path, image_size: int = 32) -> dict:
     """Lower to ExecuTorch with the XNNPACK partitioner; returns which operators run in the delegate."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
@@ -107,7 +110,8 @@ def export_executorch(model: torch.nn.Module, path: Path) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        edge = to_edge_transform_and_lower(_export_program(model, PTE_MAX_BATCH), partitioner=[XnnpackPartitioner()])
+        program = _export_program(model, image_size, PTE_MAX_BATCH)
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
         program = edge.to_executorch()
     path.write_bytes(program.buffer)

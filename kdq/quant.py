@@ -44,7 +44,7 @@ from torch import nn
 from torch.ao import quantization as tq
 
 from kdq import pt2e
-from kdq.checkpoint import ARCH, MODEL, CheckpointError
+from kdq.checkpoint import ARCH, MODEL, CheckpointError, input_size
 from kdq.config import FLOW_BACKENDS
 from kdq.models import build_model
 
@@ -82,7 +82,9 @@ class Flow(Protocol):
     # on the emulated-AVX2 path; a PT2E model is Q/DQ computed in float by PyTorch, int8 only in ORT/ExecuTorch.)
     int8_kernels_in_pytorch: bool
 
-    def prepare(self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None) -> nn.Module: ...
+    def prepare(
+        self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None, image_size: int = 32
+    ) -> nn.Module: ...
     def qat_epoch_hook(self, model: nn.Module, epoch: int, epochs: int, freeze_bn: float, freeze_obs: float): ...
     def calibrate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> None: ...
     def convert(self, prepared: nn.Module, backend: str, engine: str | None = None) -> nn.Module: ...
@@ -123,7 +125,10 @@ class EagerFlow:
                 f"(has: {', '.join(torch.backends.quantized.supported_engines)})"
             )
 
-    def prepare(self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None) -> nn.Module:
+    def prepare(
+        self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None, image_size: int = 32
+    ) -> nn.Module:
+        """`image_size` does not apply: eager modules take any input size."""
         self.check_available(backend)
         torch.backends.quantized.engine = backend
         model = copy.deepcopy(model).train(qat)
@@ -167,10 +172,13 @@ class Pt2eFlow:
         check_backend(self.name, backend)
         pt2e.check_installed(backend)
 
-    def prepare(self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None) -> nn.Module:
+    def prepare(
+        self, model: nn.Module, backend: str, qat: bool, scheme: Scheme | None = None, image_size: int = 32
+    ) -> nn.Module:
+        """`image_size`: torch.export specializes the graph to the example's height and width."""
         self.check_available(backend)
         scheme = scheme or default_scheme(backend, flow=self.name)
-        return pt2e.prepare(model, backend, qat, scheme.activation_bits, scheme.weight_bits)
+        return pt2e.prepare(model, backend, qat, scheme.activation_bits, scheme.weight_bits, image_size)
 
     def qat_epoch_hook(self, model: nn.Module, epoch: int, epochs: int, freeze_bn: float, freeze_obs: float):
         """The eager flow's schedule, on the graph: batch norm, then the quantization ranges, stop moving."""
@@ -217,7 +225,7 @@ def prepared_from_checkpoint(ckpt: dict[str, Any], path: Any = "checkpoint") -> 
     q, arch = ckpt[QUANTIZATION], ckpt[ARCH]
     model = build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {}))
     qat, scheme = q["mode"] == "qat", checkpoint_scheme(ckpt)
-    prepared = get_flow(q["flow"]).prepare(model, q["backend"], qat=qat, scheme=scheme)
+    prepared = get_flow(q["flow"]).prepare(model, q["backend"], qat=qat, scheme=scheme, image_size=input_size(ckpt))
     try:
         prepared.load_state_dict(ckpt[MODEL])
     except RuntimeError as e:
@@ -249,7 +257,7 @@ def int8_model(ckpt: dict[str, Any], path: Any = "checkpoint", engine: str | Non
     if q["flow"] == "pt2e" and isinstance(path, Path) and path.is_file():
         from kdq.pt2e_export import cached_int8
 
-        return cached_int8(path, convert)
+        return cached_int8(path, convert, input_size(ckpt))
     return convert()
 
 

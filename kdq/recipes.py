@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from kdq import checkpoint as ck
 from kdq.artifacts import sha256
-from kdq.config import Preset
-from kdq.data import Dataset, Normalize, load_dataset, split_validation, subset_training
+from kdq.config import Preset, stem_for
+from kdq.data import Dataset, Normalize, load_dataset, resized, split_validation, subset_training
 from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import check_writable, save_json, save_torch
 from kdq.models import build_model, load_start_weights
@@ -48,12 +48,21 @@ class RunOptions:
         return Path(run_dir) / TB_DIR / stage if self.tensorboard else None
 
 
+def stem_kwargs(image_size: int) -> dict:
+    """The model's stem for its input size (`kdq.config.stem_for`); the CIFAR stem is the default, so the arch
+    record of a 32 px model is what it always was."""
+    return {} if stem_for(image_size) == "cifar" else {"stem": stem_for(image_size)}
+
+
 def load_data(preset: Preset, opts: RunOptions) -> Dataset:
-    """The preset's dataset with its validation split carved out: every training stage sees the same three splits."""
-    data = load_dataset(preset.dataset, opts.data_dir, download=opts.download)
+    """The preset's dataset with its validation split carved out: every training stage sees the same three splits.
+    Images are resized after the subset and the split are drawn (from the labels only): fewer to resize, and at
+    224 px no second copy of the training images while the validation images are taken out."""
+    size = preset.image_size
+    data = load_dataset(preset.dataset, opts.data_dir, download=opts.download, image_size=size, resize=False)
     if preset.train_subset:
         data = subset_training(data, preset.train_subset)
-    return split_validation(data, preset.val_fraction, preset.seed)
+    return resized(split_validation(data, preset.val_fraction, preset.seed), size)
 
 
 def _start_from(model: torch.nn.Module, arch: str, source: str, stage: str) -> None:
@@ -70,8 +79,8 @@ def train_teacher(preset: Preset, run_dir: Path, opts: RunOptions) -> Path:
         check_writable(Path(run_dir) / "teacher", create=False)  # before the data loads
     data = load_data(preset, opts)
     torch.manual_seed(preset.seed)
-    arch = {"name": preset.teacher, "num_classes": len(data.classes), "kwargs": {}}
-    model = build_model(preset.teacher, len(data.classes))
+    arch = {"name": preset.teacher, "num_classes": len(data.classes), "kwargs": stem_kwargs(preset.image_size)}
+    model = build_model(preset.teacher, len(data.classes), **arch["kwargs"])
     _start_from(model, preset.teacher, preset.teacher_weights, "teacher")
     fit(
         model,
@@ -131,6 +140,12 @@ def _check_same_data(ckpt: dict, data: Dataset, path: Path) -> None:
             f"{path} was trained on {len(ckpt[ck.CLASSES])} classes "
             f"{ckpt[ck.CLASSES][:4]}..., the data has {len(data.classes)}"
         )
+    size = data.test.images.shape[-1]
+    if ck.input_size(ckpt) != size:
+        raise ck.CheckpointError(
+            f"{path} was trained on {ck.input_size(ckpt)} px images, the data is {size} px: use --image-size "
+            f"{ck.input_size(ckpt)}"
+        )
 
 
 def train_student(
@@ -164,7 +179,7 @@ def train_student(
         else:
             distill.soft_targets, distill.taught_by = _soft_targets_for(teacher_path, data, run_dir, opts, rt)
     torch.manual_seed(preset.seed)
-    kwargs = {"width_mult": preset.student_width, "dropout": preset.student_dropout}
+    kwargs = {"width_mult": preset.student_width, "dropout": preset.student_dropout, **stem_kwargs(preset.image_size)}
     arch = {"name": preset.student, "num_classes": len(data.classes), "kwargs": kwargs}
     model = build_model(preset.student, len(data.classes), **kwargs)
     if not qat:  # QAT starts from the float student (`init`)
@@ -184,7 +199,7 @@ def train_student(
             arch, float_weights = ickpt[ck.ARCH], ickpt[ck.MODEL]
         flow = get_flow(q.flow)
         scheme = default_scheme(q.backend, q.activation_bits, q.weight_bits, flow=q.flow)
-        model = flow.prepare(model, q.backend, qat=True, scheme=scheme)
+        model = flow.prepare(model, q.backend, qat=True, scheme=scheme, image_size=preset.image_size)
         optim = q.qat_optim
         extra = {
             QUANTIZATION: {
@@ -249,7 +264,7 @@ def quantize_static(
     flow = get_flow(flow)
     flow.check_available(backend)  # before the data loads
     scheme = scheme or default_scheme(backend, flow=flow.name)
-    prepared = flow.prepare(model, backend, qat=False, scheme=scheme)
+    prepared = flow.prepare(model, backend, qat=False, scheme=scheme, image_size=preset.image_size)
     normalize = Normalize(**ckpt[ck.NORMALIZATION])
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(preset.seed))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][:batches]
@@ -323,8 +338,9 @@ def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None =
         model = int8_model(ckpt, path) if is_quantized(ckpt) else ck.model_from_checkpoint(ckpt, path)
         preset = Preset.from_dict(ckpt[ck.PRESET])
         # the test split only: no validation split to carve (a small folder may be too small for one)
-        data = cache.get(preset.dataset) or cache.setdefault(
-            preset.dataset, load_dataset(preset.dataset, opts.data_dir, download=opts.download)
+        key = f"{preset.dataset}@{preset.image_size}"
+        data = cache.get(key) or cache.setdefault(
+            key, load_dataset(preset.dataset, opts.data_dir, download=opts.download, image_size=preset.image_size)
         )
         _check_same_data(ckpt, data, path)
         metrics = evaluate_model(

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from kdq import checkpoint as ck
 from kdq.config import CHECKPOINT, Augment, Optim
-from kdq.data import Dataset, Normalize, Split, augment, shuffled_batches
+from kdq.data import Dataset, Normalize, Split, augment
+from kdq.device_data import TrainImages
 from kdq.errors import KdqError
 from kdq.evaluate import predict_logits
 from kdq.files import check_writable, remove_stale_temps, save_json
@@ -96,6 +97,8 @@ def _all_reduce(values: list[float], rt: Runtime) -> list[float]:
 def _check_compatible(ckpt: dict, model: nn.Module, path: Path, recipe: dict) -> None:
     """A resumed run must continue the same recipe: same model, data order, schedule and loss."""
     saved = ckpt.get(ck.RECIPE)
+    if saved is not None and "image_size" not in saved:  # recorded since kdq read other sizes; before, 32 px
+        saved = {**saved, "image_size": 32}
     if saved is not None and saved != recipe:
         old, new = _flatten(saved), _flatten(recipe)
         diffs = [
@@ -228,6 +231,7 @@ def fit(
         "val_images": len(data.val) if data.val is not None else 0,  # the split is part of what a resume continues
         **({"train_images": len(data.train)} if preset.get("train_subset") else {}),  # ... and so is a subset
         **({"taught_by": distill.taught_by} if distill.taught_by else {}),  # resuming with another teacher fails
+        "image_size": data.train.images.shape[-1],
     }
     mean, std = data.normalization()
     run = _TrainingRun(model, data, Normalize(mean, std, rt.device), criterion, optim, aug, distill, rt, compile)
@@ -305,7 +309,7 @@ class _TrainingRun:
         dev = rt.device
         self.data, self.normalize, self.optim, self.aug, self.distill = data, normalize, optim, aug, distill
         self.rt, self.compile, self.criterion = rt, compile, criterion
-        self.train_x, self.train_y = data.train.images.to(dev), data.train.labels.to(dev)
+        self.train_images, self.train_y = TrainImages(data.train.images, dev), data.train.labels.to(dev)
         self.soft = distill.soft_targets.to(dev) if distill.soft_targets is not None else None
         self.teacher = distill.teacher.to(dev).eval().requires_grad_(False) if distill.teacher is not None else None
         mixing = aug.cutmix_alpha > 0 or aug.mixup_alpha > 0
@@ -356,15 +360,15 @@ class _TrainingRun:
         t0 = time.perf_counter()
         loss_sum = soft_sum = hard_sum = correct = seen = 0.0
         bar = tqdm(
-            shuffled_batches(len(self.train_x), self.optim.batch_size, gen),
+            self.train_images.epoch(self.optim.batch_size, gen),
             total=self.steps_per_epoch,
             desc=f"{stage} {epoch + 1}/{self.optim.epochs}",
             disable=None if rt.is_main else True,
             leave=False,
             file=sys.stderr,
         )
-        for idx in bar:
-            x = self.normalize(augment(self.train_x[idx], self.aug, gen))
+        for idx, x in bar:
+            x = self.normalize(augment(x, self.aug, gen))
             y = self.train_y[idx]
             target = y
             if self.mixer is not None:

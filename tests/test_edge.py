@@ -3,8 +3,8 @@ for real on the smoke export, and checked against kdq's PyTorch int8 predictions
 
 - The Python runtime runs in its own venv (uv venv + uv pip install deploy/edge/python) without torch.
 - The C++ apps are built by deploy/edge/cpp/build.sh into build/edge-cpp (gitignored, reused between runs).
-- Reference: kdq's int8 model on the training preprocessing of each file (PIL convert("RGB") → resize 32x32
-  bilinear → kdq.data.Normalize), batch 1, like the apps.
+- Reference: kdq's int8 model on the training preprocessing of each file (PIL convert("RGB") → shorter side to
+  32, bilinear → center 32x32 → kdq.data.Normalize), batch 1, like the apps.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ def write_pnm(path: Path, pixels: np.ndarray) -> Path:
     return path
 
 
-def training_pixels(path: Path) -> torch.Tensor:
-    """uint8 (3, 32, 32): exactly kdq.data._read_folder's decoding of an image file."""
+def training_pixels(path: Path, size: int = 32) -> torch.Tensor:
+    """uint8 (3, size, size): exactly kdq.data._read_folder's decoding of an image file."""
+    from kdq.data import fit_image
+
     with Image.open(path) as im:
-        im = im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(fit_image(im.convert("RGB"), size)).copy()).permute(2, 0, 1)
 
 
 def logits_of(doc: dict) -> np.ndarray:
@@ -359,8 +360,12 @@ def test_cpp_ort_app_matches_kdq(cpp_apps: Path, export_dir: Path, images: dict,
 
 
 def test_cpp_resize_is_pillow_exact(cpp_apps: Path, export_dir: Path, tmp_path: Path):
-    """--dump-input writes the preprocessed tensor: compare it with Pillow + the manifest's normalization."""
+    """--dump-input writes the preprocessed tensor: compare it with kdq's own read of an image (torchvision's
+    Resize + CenterCrop on Pillow, `kdq.data.fit_image`) + the manifest's normalization."""
+    from kdq.data import fit_image
+
     m = json.loads((export_dir / "manifest.json").read_text())["preprocessing"]
+    assert m["crop"] == "center"
     mean = np.float32(m["mean"]).reshape(3, 1, 1)
     std = np.float32(m["std"]).reshape(3, 1, 1)
     rng = np.random.default_rng(1)
@@ -369,7 +374,7 @@ def test_cpp_resize_is_pillow_exact(cpp_apps: Path, export_dir: Path, tmp_path: 
         ppm, dump = write_pnm(tmp_path / f"{h}x{w}.ppm", pixels), tmp_path / f"{h}x{w}.f32"
         r = cpp("kdq-classify-ort", cpp_apps, "--model", export_dir, "--dump-input", dump, ppm)
         assert r.returncode == EXIT_OK, r.stderr
-        small = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.Resampling.BILINEAR))
+        small = np.asarray(fit_image(Image.fromarray(pixels), 32))
         expected = (small.transpose(2, 0, 1).astype(np.float32) / np.float32(255) - mean) / std
         np.testing.assert_array_equal(np.fromfile(dump, dtype=np.float32).reshape(3, 32, 32), expected)
 
@@ -445,3 +450,120 @@ def test_cpp_ort_app_sets_the_session_config_the_export_was_certified_with(
     (folder / "manifest.json").write_text(json.dumps(manifest))
     r = cpp("kdq-classify-ort", cpp_apps, "--model", folder, images["pnm"][0])
     assert r.returncode == EXIT_MODEL and "ORT model verification failed" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------ another input size
+
+
+def test_edge_crop_is_torchvisions_resize_and_center_crop(tmp_path):
+    """kdq_edge's Pillow-only fit equals kdq.data.fit_image (torchvision Resize + CenterCrop) pixel for pixel."""
+    sys.path.insert(0, str(EDGE_PY))
+    try:
+        from kdq_edge.image import resize
+        from kdq_edge.manifest import Manifest
+    finally:
+        sys.path.remove(str(EDGE_PY))
+    from kdq.data import fit_image
+
+    rng = np.random.default_rng(1)
+    for w, h, size in [(50, 80, 32), (80, 50, 32), (96, 96, 96), (200, 120, 96), (33, 97, 48), (97, 33, 32)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        m = Manifest(tmp_path, "input", "logits", size, size, (0, 0, 0), (1, 1, 1), 1 / 255, "bilinear", "center",
+                     "RGB", [], {}, {})  # fmt: skip
+        assert np.array_equal(resize(im, m), np.asarray(fit_image(im, size)).transpose(2, 0, 1)), (w, h, size)
+
+
+def shapes_folder(root: Path, size: int, per_class: int) -> Path:
+    """train/ and test/ class folders of `size` x `size` PNGs: a red disc, a green bar or a blue square at a
+    random place on dark noise (colour makes it learnable in a few dozen steps)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for split, n in (("train", per_class), ("test", per_class // 2)):
+        for label in ("disc", "bar", "square"):
+            (root / split / label).mkdir(parents=True)
+            colour = {"disc": 0, "bar": 1, "square": 2}[label]
+            for i in range(n):
+                cy, cx, r = *rng.integers(size // 4, 3 * size // 4, 2), size // 6
+                mask = {"disc": (yy - cy) ** 2 + (xx - cx) ** 2 < r * r,
+                        "bar": (abs(yy - cy) < r // 3) & (abs(xx - cx) < 2 * r),
+                        "square": (abs(yy - cy) < r) & (abs(xx - cx) < r)}[label]  # fmt: skip
+                pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                pixels[mask] = 40
+                pixels[..., colour][mask] = rng.integers(180, 256)
+                Image.fromarray(pixels).save(root / split / label / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def export_96(tmp_path_factory) -> dict:
+    """96x96 PNGs trained (ImageNet stem above 64 px), quantized, exported and certified at 96x96; with the
+    certificate's ONNX Runtime predictions on the test files, batch 1."""
+    from click.testing import CliRunner
+
+    from kdq.checkpoint import load_checkpoint
+    from kdq.cli import main
+    from kdq.data import Normalize, load_dataset
+    from kdq.parity import ort_session
+    from kdq.quant import int8_model
+
+    tmp_path = tmp_path_factory.mktemp("size-96")
+    data_dir = shapes_folder(tmp_path / "shapes", 96, 40)
+    run_dir = tmp_path / "run"
+    common = ["--preset", "smoke", "--dataset", "folder", "--data-dir", data_dir, "--image-size", "96",
+              "--device", "cpu", "--run-dir", run_dir, "--no-tensorboard"]  # fmt: skip
+    cli = CliRunner()
+    argv = ["baseline", *common, "--epochs", "8", "--batch-size", "16", "--val-fraction", "0"]
+    result = cli.invoke(main, [str(a) for a in argv])
+    assert result.exit_code == 0, result.output
+    baseline = run_dir / "baseline" / "checkpoint.pt"
+    int8 = tmp_path / "int8" / "checkpoint.pt"
+    result = cli.invoke(main, [str(a) for a in ["quantize", baseline, "--out", int8, "--data-dir", data_dir]])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "export"
+    target = tmp_path / "smoke-96.toml"  # tests/smoke-target.toml, where 2 of 60 test images may flip in ORT
+    text = (ROOT / "tests" / "smoke-target.toml").read_text()
+    for gate in ("ort_accuracy_delta_max = 0.02", "int8_accuracy_drop_max = 0.03"):
+        text = text.replace(gate, gate.split("=")[0] + "= 0.05")
+    target.write_text(text)
+    argv = ["export", int8, "--target", target, "--out", out, "--data-dir", data_dir, "--latency-runs", "3"]
+    result = cli.invoke(main, [str(a) for a in argv])
+    assert result.exit_code == 0, result.output
+
+    test = load_dataset("folder", data_dir, image_size=96).test  # the certificate's test split, as it read it
+    ckpt = load_checkpoint(int8)
+    x = Normalize(**ckpt["normalization"])(test.images)
+    session = ort_session(out / "model.onnx", 1)
+    certified = np.concatenate([session.run(None, {"input": x[i : i + 1].numpy()})[0] for i in range(len(x))])
+    model = int8_model(ckpt)
+    with torch.no_grad():  # batch 1, as the apps run: int8 kernels may round otherwise in a batch
+        pytorch_int8 = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    files = sorted((data_dir / "test").glob("*/*.png"))  # ImageFolder's order: classes, then file names
+    return {"out": out, "files": files, "certified": certified.argmax(1).tolist(), "pytorch_int8": pytorch_int8}
+
+
+def test_a_96px_folder_trains_exports_certifies_and_runs_at_the_edge(export_96: dict, kdq_edge: Path):
+    """Done-when of "any input size": kdq-edge gives the certificate's ONNX Runtime predictions at 96x96."""
+    out = export_96["out"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["shape"] == ["batch", 3, 96, 96] and manifest["preprocessing"]["size"] == [96, 96]
+    assert manifest["preprocessing"]["crop"] == "center"
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["accuracy"]["onnxruntime_int8"] > 0.6  # chance: 1/3
+    r = run([kdq_edge, "classify", "--model", out, "--json", "--batch-size", "1", "--top-k", "1", *export_96["files"]])
+    assert r.returncode == EXIT_OK, r.stderr
+    assert [res["top"][0]["index"] for res in json.loads(r.stdout)["results"]] == export_96["certified"]
+
+
+def test_cpp_apps_run_a_96px_model(export_96: dict, cpp_apps: Path, tmp_path: Path):
+    """The C++ apps read the size from the manifest too. On the same pixels as PPM: the ORT app gives the
+    certificate's predictions, the TorchScript app PyTorch int8's logits bit for bit (crop included)."""
+    ppms = [
+        write_pnm(tmp_path / f"{png.parent.name}-{png.stem}.ppm", np.asarray(Image.open(png).convert("RGB")))
+        for png in export_96["files"]
+    ]
+    r = cpp("kdq-classify-ort", cpp_apps, "--model", export_96["out"], "--json", "--top-k", "1", *ppms)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert [res["top"][0]["index"] for res in json.loads(r.stdout)["results"]] == export_96["certified"]
+    r = cpp("kdq-classify-torch", cpp_apps, "--model", export_96["out"], "--json", "--logits", *ppms)
+    assert r.returncode == EXIT_OK, r.stderr
+    np.testing.assert_array_equal(logits_of(json.loads(r.stdout)), export_96["pytorch_int8"].numpy())

@@ -296,6 +296,7 @@ struct Manifest {
   std::string folder;
   std::string input_name, output_name;
   int height = 0, width = 0;
+  bool center_crop = false;  // crop "center": shorter side to the size, then the center square (kdq.data.fit_image)
   float mean[3] = {0, 0, 0}, std[3] = {1, 1, 1};
   double scale = 1.0 / 255;
   std::vector<std::string> classes;
@@ -337,9 +338,11 @@ inline Manifest load_manifest(const std::string& model) {
     if (in.at("layout").str() != "NCHW" || in.at("dtype").str() != "float32")
       throw ModelError(path + ": input " + in.at("layout").str() + "/" + in.at("dtype").str() +
                        " is not supported (NCHW float32 is)");
-    if (pre.at("resize").str() != "bilinear" || pre.at("color").str() != "RGB")
-      throw ModelError(path + ": preprocessing resize=" + pre.at("resize").str() + " color=" +
-                       pre.at("color").str() + " is not supported (bilinear, RGB)");
+    const std::string crop = pre.find("crop") ? pre.at("crop").str() : "none";  // older exports: stretch
+    if (pre.at("resize").str() != "bilinear" || pre.at("color").str() != "RGB" || (crop != "none" && crop != "center"))
+      throw ModelError(path + ": preprocessing resize=" + pre.at("resize").str() + " crop=" + crop + " color=" +
+                       pre.at("color").str() + " is not supported (bilinear; none or center; RGB)");
+    m.center_crop = crop == "center";
     m.input_name = in.at("name").str();
     m.output_name = j.at("output").at("name").str();
     m.height = int(pre.at("size").arr().at(0).num());
@@ -604,7 +607,22 @@ inline std::vector<float> normalize(const Image& im, const Manifest& m) {
 inline std::vector<float> preprocess(const std::string& path, const Manifest& m, std::string* mode = nullptr) {
   Image im = read_pnm(path);
   if (mode) *mode = im.mode;
-  return normalize(resize_bilinear(im, m.width, m.height), m);
+  if (!m.center_crop) return normalize(resize_bilinear(im, m.width, m.height), m);
+  // torchvision's Resize(size) + CenterCrop(size): the shorter side becomes `size` (the longer one truncated),
+  // then the crop starts at round((side - size) / 2), rounding half to even as Python's round() does.
+  const int size = m.width;
+  int w = size, h = size;
+  if (im.width <= im.height) h = int(double(size) * im.height / im.width);
+  else w = int(double(size) * im.width / im.height);
+  Image fitted = (w == im.width && h == im.height) ? im : resize_bilinear(im, w, h);
+  const int top = int(std::nearbyint((h - size) / 2.0)), left = int(std::nearbyint((w - size) / 2.0));
+  Image out;
+  out.width = out.height = size;
+  out.mode = im.mode;
+  out.rgb.resize(size_t(size) * size * 3);
+  for (int y = 0; y < size; ++y)
+    std::copy_n(&fitted.rgb[(size_t(y + top) * w + left) * 3], size_t(size) * 3, &out.rgb[size_t(y) * size * 3]);
+  return normalize(out, m);
 }
 
 // -------------------------------------------------------------------------------------------- the app

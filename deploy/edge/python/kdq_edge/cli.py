@@ -117,7 +117,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     raw = m.raw
     print(f"model folder   {m.folder}")
     print(f"input          {m.input_name} float32 [batch, 3, {m.height}, {m.width}] NCHW")
-    print(f"preprocessing  RGB, resize {m.width}x{m.height} {m.resize}, (pixel / 255 - mean) / std")
+    fit = f"shorter side to {m.width}, center crop" if m.crop == "center" else f"stretch to {m.width}x{m.height}"
+    print(f"preprocessing  RGB, {m.resize} resize: {fit}, (pixel / 255 - mean) / std")
     print(f"               mean {list(m.mean)}  std {list(m.std)}")
     print(f"classes        {len(m.classes)}: {', '.join(m.classes[:10])}{' ...' if len(m.classes) > 10 else ''}")
     for fmt, art in m.artifacts.items():

@@ -1,7 +1,9 @@
-"""Training preprocessing, without torch: decode → RGB → resize (PIL bilinear) → (pixel / 255 - mean) / std.
+"""Training preprocessing, without torch: decode → RGB → resize (PIL bilinear) → crop → (pixel / 255 - mean) / std.
 
-kdq trains on `Image.open(p).convert("RGB").resize((W, H), Image.Resampling.BILINEAR)` (kdq/data.py) and
-normalizes uint8 tensors in float32; the same operations here give bit-identical model inputs.
+kdq reads class folders with `Image.open(p).convert("RGB")` and torchvision's `Resize(S)` + `CenterCrop(S)`
+(`kdq.data.fit_image`: the shorter side becomes S with Pillow's bilinear filter, then the center S x S), and
+normalizes uint8 tensors in float32; the same operations here, in Pillow, give bit-identical model inputs.
+Manifests without `crop` (older exports) stretch the image to the size instead.
 """
 
 from __future__ import annotations
@@ -54,9 +56,24 @@ def load_image(path: Path | str, alpha: str = "refuse") -> tuple[Image.Image, st
         raise ImageError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from e
 
 
+def fit_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's `Resize(size)` arithmetic: the shorter side becomes `size`, the longer one scales (truncated)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
 def resize(im: Image.Image, manifest: Manifest) -> np.ndarray:
     """RGB image → uint8 (3, H, W) at the model's input size (bilinear: load_manifest refuses any other)."""
-    small = im.resize((manifest.width, manifest.height), Image.Resampling.BILINEAR)
+    if manifest.crop == "center":
+        size = manifest.width
+        w, h = fit_size(*im.size, size)
+        if (w, h) != im.size:  # torchvision leaves an image already at that size untouched
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # torchvision's CenterCrop
+        small = im.crop((left, top, left + size, top + size))
+    else:
+        small = im.resize((manifest.width, manifest.height), Image.Resampling.BILINEAR)
     return np.asarray(small, dtype=np.uint8).transpose(2, 0, 1)
 
 

@@ -13,6 +13,7 @@ from kdq_edge.errors import IntegrityError, ManifestError
 MANIFEST = "manifest.json"
 FORMAT_VERSIONS = (1,)  # manifest format versions this runtime understands
 RESIZE = ("bilinear",)  # PIL filters this runtime implements, by manifest name
+CROP = ("none", "center")  # none: stretch to the size; center: shorter side to the size, then the center square
 COLOR = ("RGB",)
 
 
@@ -27,6 +28,7 @@ class Manifest:
     std: tuple[float, float, float]
     scale: float
     resize: str
+    crop: str
     color: str
     classes: list[str]
     artifacts: dict[str, dict[str, Any]]
@@ -82,12 +84,15 @@ def _parse(folder: Path, raw: dict[str, Any]) -> Manifest:
     inp, pre = raw["input"], raw["preprocessing"]
     if inp["layout"] != "NCHW" or inp["dtype"] != "float32":
         raise ManifestError(f"{where}: input {inp['layout']}/{inp['dtype']} is not supported (NCHW float32 is)")
-    if pre["resize"] not in RESIZE or pre["color"] not in COLOR:
+    crop = pre.get("crop", "none")  # exports before kdq wrote it stretched every image to the size
+    if pre["resize"] not in RESIZE or pre["color"] not in COLOR or crop not in CROP:
         raise ManifestError(
-            f"{where}: preprocessing resize={pre['resize']!r} color={pre['color']!r} is not supported "
-            f"(resize: {', '.join(RESIZE)}; color: {', '.join(COLOR)})"
+            f"{where}: preprocessing resize={pre['resize']!r} crop={crop!r} color={pre['color']!r} is not supported "
+            f"(resize: {', '.join(RESIZE)}; crop: {', '.join(CROP)}; color: {', '.join(COLOR)})"
         )
     height, width = (int(v) for v in pre["size"])
+    if crop == "center" and height != width:
+        raise ManifestError(f"{where}: crop 'center' needs a square size, got {pre['size']}")
     channels, in_h, in_w = inp["shape"][1:]
     if (channels, in_h, in_w) != (3, height, width):
         raise ManifestError(f"{where}: input shape {inp['shape']} disagrees with preprocessing size {pre['size']}")
@@ -107,6 +112,7 @@ def _parse(folder: Path, raw: dict[str, Any]) -> Manifest:
         std=std,  # type: ignore[arg-type]
         scale=float(pre["scale"]),
         resize=pre["resize"],
+        crop=crop,
         color=pre["color"],
         classes=classes,
         artifacts=dict(raw["artifacts"]),
