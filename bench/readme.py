@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, floor, flows, inference, int8_paths, training
+from bench import accuracy, floor, flows, inference, int8_paths, memory, training
 from bench.common import Table, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,7 @@ SOURCES: dict[str, tuple[str, Callable[[dict], list[str | Table]]]] = {
     "bench": ("results/bench.json", bench_parts),
     "flows": ("results/flows-demo.json", flows.tables),
     "flows-fashion-mnist": ("results/flows-fashion-mnist.json", flows.tables),
+    "memory": ("results/memory-fashion-mnist.json", memory.tables),
 }
 
 
