@@ -127,7 +127,7 @@ class Bench:
         model = int8_model(ckpt, path)
         with tempfile.TemporaryDirectory() as tmp:
             onnx = Path(tmp) / "model.onnx"
-            export_onnx(model, onnx, ONNX_OPSET)
+            export_onnx(model, onnx, ONNX_OPSET, ck.input_size(ckpt))
             session = ort_session(str(onnx))
             x = Normalize(**ckpt[ck.NORMALIZATION])(self.test.images).contiguous().numpy()
             top1 = float((batched(ort_runner(session), x).argmax(1) == self.test.labels.numpy()).mean())

@@ -144,7 +144,9 @@ def measure(inference: dict | None = None, threads: tuple[int, ...] = (1, 2)) ->
     """MACs, peaks and GEMM ceilings; with inference results, each of their latencies against its floor."""
     cpu = cpu_info()
     arch = (inference or {}).get("arch") or {"name": "mobilenet_v2_os16", "num_classes": 10, "kwargs": {}}
-    macs = model_macs(build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {})))
+    macs = model_macs(
+        build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {})), arch.get("image_size", 32)
+    )
     peak = theoretical_peak(cpu)
     ceiling = {str(t): gemm_ceiling(t) for t in threads if t <= (cpu.get("logical_cpus") or 1)}
     bound = effective_peak(peak, ceiling)

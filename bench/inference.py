@@ -67,7 +67,7 @@ def build_artifacts(work: Path, checkpoint: Path | None) -> tuple[dict, dict, di
         raise SystemExit(f"{checkpoint} records no float weights (FLOAT_MODEL): cannot compare int8 with fp32")
     (work / "fp32").mkdir()
     export_torchscript(fp32, work / "fp32" / ARTIFACTS["torchscript"])
-    export_onnx(fp32, work / "fp32" / ARTIFACTS["onnx"], target.onnx_opset)
+    export_onnx(fp32, work / "fp32" / ARTIFACTS["onnx"], target.onnx_opset, ck.input_size(ckpt))
     torch.backends.quantized.engine = target.backend
     runners = {}
     sizes = {}
@@ -80,7 +80,7 @@ def build_artifacts(work: Path, checkpoint: Path | None) -> tuple[dict, dict, di
             "state_dict": state_dict_bytes(model),
             **{fmt: (folder / name).stat().st_size for fmt, name in ARTIFACTS.items()},
         }
-    return runners, sizes, ckpt[ck.ARCH]
+    return runners, sizes, {**ckpt[ck.ARCH], "image_size": ck.input_size(ckpt)}
 
 
 def measure(checkpoint: Path | None, rounds: int, runs: int, warmup: int, threads: list[int], batches: list[int]):
@@ -93,7 +93,7 @@ def measure(checkpoint: Path | None, rounds: int, runs: int, warmup: int, thread
         every = []
         for r in range(rounds):
             t0 = time.perf_counter()
-            every.append(_latency_grid(runners, work / "int8", work / "fp32", grid))
+            every.append(_latency_grid(runners, work / "int8", work / "fp32", grid, image_size=arch["image_size"]))
             print(f"[inference] round {r + 1}/{rounds}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     best = []
     for cells in zip(*every, strict=True):

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
         tmp = Path(tmp)
         (tmp / SOFT_TARGETS).symlink_to((args.run_dir / SOFT_TARGETS).resolve())
         fp32_onnx = tmp / "fp32.onnx"
-        export_onnx(ck.model_from_checkpoint(fckpt), fp32_onnx, 17)
+        export_onnx(ck.model_from_checkpoint(fckpt), fp32_onnx, 17, preset.image_size)
         acc = lambda logits: float((logits.argmax(1) == labels).mean())  # noqa: E731
         float_acc = acc(ort_logits(fp32_onnx, x))
         for name in args.schemes:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
                 ckpt = ck.load_checkpoint(path)
                 onnx = tmp / f"{mode}-{name}.onnx"
                 model = int8_model(ckpt, path)
-                export_onnx(model, onnx, 17)
+                export_onnx(model, onnx, 17, preset.image_size)
                 export_torchscript(model, tmp / f"{mode}-{name}.pt")
                 with torch.no_grad():
                     native = model(torch.from_numpy(x)).numpy()
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
                 if emulator:
                     row["ort_avx2"] = acc(logits_in_child("onnx", onnx, x, launcher=emulator))
                 row["float_reference"] = acc(float_reference(ckpt)(torch.from_numpy(x)).detach().numpy())
-                row["latency_ms"] = ort_latency(onnx, fp32_onnx, args.rounds)
+                row["latency_ms"] = ort_latency(onnx, fp32_onnx, args.rounds, preset.image_size)
                 rows.append(row)
                 print(row, file=sys.stderr)
     return {"vnni": has_vnni(), "where": environment(), "test_samples": len(labels), "rows": rows}
@@ -103,13 +103,13 @@ def ort_logits(onnx: Path, x: np.ndarray, config: dict | None = None) -> np.ndar
     return batched(ort_runner(session(str(onnx), 1, config)), x)
 
 
-def ort_latency(int8: Path, fp32: Path, rounds: int) -> dict:
+def ort_latency(int8: Path, fp32: Path, rounds: int, image_size: int = 32) -> dict:
     """ORT int8 and fp32, 1 thread, batch 1 and 64: A B A B ... rounds; the median of the rounds' medians."""
     out = {}
     sessions = {"int8": session(str(int8)), "int8_exact": session(str(int8), 1, ORT_EXACT_U8S8),
                 "fp32": session(str(fp32))}  # fmt: skip
     for batch in (1, 64):
-        xb = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+        xb = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
         per_round: dict[str, list[float]] = {k: [] for k in sessions}
         for _ in range(rounds):
             for k, s in sessions.items():

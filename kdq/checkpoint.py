@@ -90,6 +90,14 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     ckpt = load_weights(path, "checkpoint")
     if not isinstance(ckpt, dict) or (missing := [k for k in REQUIRED if k not in ckpt]):
         raise CheckpointError(f"{path}: not a kdq checkpoint (missing {missing if isinstance(ckpt, dict) else 'dict'})")
+    preset = ckpt.get(PRESET) or {}
+    if preset.get("dataset") == "folder" and "image_size" not in preset:
+        # Its images were stretched to 32x32; this kdq crops them (kdq.data.fit_image): its test split, resume and
+        # export preprocessing would all silently differ from what it was trained on.
+        raise CheckpointError(
+            f"{path}: trained on class folders stretched to 32x32 by a kdq older than --image-size; this kdq reads "
+            "folders as Resize + CenterCrop, so evaluation and export would use other pixels: retrain it"
+        )
     return ckpt
 
 

@@ -82,7 +82,7 @@ def run_options(f):
         ),
         click.option(
             "--image-size",
-            type=int,
+            type=click.IntRange(16, 1024),
             default=None,
             help="Square model input in pixels: every dataset is resized to it once at load time (class folders: "
             "shorter side to N, then the center N x N); up to 64 px the models use a CIFAR stem, above it the "

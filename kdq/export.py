@@ -92,7 +92,7 @@ def build_manifest(ckpt: dict, checkpoint: Path, target: Target, folder: Path) -
 
     norm, size = ckpt[ck.NORMALIZATION], ck.input_size(ckpt)
     return {
-        "format_version": 1,
+        "format_version": 2,  # 2: preprocessing.crop (a runtime that reads only 1 would stretch, not crop)
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(ckpt[ck.CLASSES])], "dtype": "float32"},
         "preprocessing": {

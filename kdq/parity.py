@@ -29,7 +29,7 @@ from kdq import pt2e, pt2e_export
 from kdq.artifacts import ARTIFACTS, RATIO_GATES, ExportError, sha256, verify_artifacts
 from kdq.config import Preset
 from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, avx2_emulator, describe, environment, has_vnni
-from kdq.data import Normalize, load_dataset
+from kdq.data import Normalize, load_test_split
 from kdq.evaluate import median_ms
 from kdq.files import save_json
 from kdq.int8run import logits_in_child, ort_session
@@ -266,7 +266,7 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     if latency_runs is not None:
         grid["runs"] = latency_runs
     preset = Preset.from_dict(ckpt[ck.PRESET])
-    data = load_dataset(preset.dataset, data_dir, image_size=preset.image_size)
+    data = load_test_split(preset.dataset, data_dir, image_size=preset.image_size)
     x = Normalize(**ckpt[ck.NORMALIZATION])(data.test.images).contiguous().numpy()
     labels = data.test.labels.numpy()
     formats = manifest["artifacts"]

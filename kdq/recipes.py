@@ -20,7 +20,7 @@ from tqdm import tqdm
 from kdq import checkpoint as ck
 from kdq.artifacts import sha256
 from kdq.config import Preset, stem_for
-from kdq.data import Dataset, Normalize, load_dataset, resized, split_validation, subset_training
+from kdq.data import Dataset, Normalize, load_dataset, load_test_split, resized, split_validation, subset_training
 from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import check_writable, save_json, save_torch
 from kdq.models import build_model, load_start_weights
@@ -340,7 +340,7 @@ def evaluate_checkpoints(paths: list[Path], opts: RunOptions, out: Path | None =
         # the test split only: no validation split to carve (a small folder may be too small for one)
         key = f"{preset.dataset}@{preset.image_size}"
         data = cache.get(key) or cache.setdefault(
-            key, load_dataset(preset.dataset, opts.data_dir, download=opts.download, image_size=preset.image_size)
+            key, load_test_split(preset.dataset, opts.data_dir, download=opts.download, image_size=preset.image_size)
         )
         _check_same_data(ckpt, data, path)
         metrics = evaluate_model(

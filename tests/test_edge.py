@@ -473,6 +473,44 @@ def test_edge_crop_is_torchvisions_resize_and_center_crop(tmp_path):
         assert np.array_equal(resize(im, m), np.asarray(fit_image(im, size)).transpose(2, 0, 1)), (w, h, size)
 
 
+def test_format_1_manifests_stretch_and_a_center_crop_needs_a_square(cpp_apps: Path, export_dir: Path, tmp_path):
+    """Exports from before the crop (manifest format 1) were trained on stretched images: both runtimes stretch
+    them. Format 2 writes `crop`; a center crop of a non-square size is refused by both."""
+    sys.path.insert(0, str(EDGE_PY))
+    try:
+        from kdq_edge.image import resize
+        from kdq_edge.manifest import ManifestError, load_manifest
+    finally:
+        sys.path.remove(str(EDGE_PY))
+
+    def variant(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(export_dir, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["format_version"] == 2 and manifest["preprocessing"]["crop"] == "center"
+        change(manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return folder
+
+    old = variant("format-1", lambda m: (m.update(format_version=1), m["preprocessing"].pop("crop")))
+    pre = json.loads((old / "manifest.json").read_text())["preprocessing"]
+    pixels = np.random.default_rng(2).integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    stretched = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    assert np.array_equal(resize(Image.fromarray(pixels), load_manifest(old)), stretched)
+    ppm, dump = write_pnm(tmp_path / "wide.ppm", pixels), tmp_path / "wide.f32"
+    r = cpp("kdq-classify-ort", cpp_apps, "--model", old, "--dump-input", dump, ppm)
+    assert r.returncode == EXIT_OK, r.stderr
+    mean, std = np.float32(pre["mean"]).reshape(3, 1, 1), np.float32(pre["std"]).reshape(3, 1, 1)
+    expected = (stretched.astype(np.float32) / np.float32(255) - mean) / std
+    np.testing.assert_array_equal(np.fromfile(dump, dtype=np.float32).reshape(3, 32, 32), expected)
+
+    wide = variant("wide", lambda m: m["preprocessing"].update(size=[32, 48]))
+    with pytest.raises(ManifestError, match="crop 'center' needs a square size"):
+        load_manifest(wide)
+    r = cpp("kdq-classify-ort", cpp_apps, "--model", wide, ppm)
+    assert r.returncode == EXIT_MODEL and "crop center needs a square size, got 32x48" in r.stderr, r.stderr
+
+
 def shapes_folder(root: Path, size: int, per_class: int) -> Path:
     """train/ and test/ class folders of `size` x `size` PNGs: a red disc, a green bar or a blue square at a
     random place on dark noise (colour makes it learnable in a few dozen steps)."""

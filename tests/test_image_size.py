@@ -16,7 +16,7 @@ from PIL import Image
 from kdq import checkpoint as ck
 from kdq.cli import main
 from kdq.config import CIFAR_STEM_MAX, stem_for
-from kdq.data import fit_image, load_dataset, split_validation, subset_training
+from kdq.data import fit_image, load_dataset, load_test_split, split_validation, subset_training
 from kdq.device_data import DEVICE_DATA_FRACTION, TrainImages, fits_on
 from kdq.models import build_model, load_start_weights, model_stem
 from kdq.presets import get_preset
@@ -155,3 +155,26 @@ def test_the_subset_and_the_validation_split_are_drawn_before_resizing_to_the_sa
     for part in ("train", "val", "test"):
         got, want = getattr(data, part), getattr(expected, part)
         assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels), part
+
+
+def test_evaluation_reads_only_the_test_split_at_the_models_size():
+    """kdq evaluate and the certificate need the test split only: at 224 px the training images would be GBs."""
+    data = load_test_split("digits", image_size=48)
+    assert len(data.train) == 0 and data.val is None
+    assert torch.equal(data.test.images, load_dataset("digits", image_size=48).test.images)
+
+
+def test_an_image_size_out_of_range_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["baseline", *COMMON, "--run-dir", str(tmp_path), "--image-size", "8"])
+    assert result.exit_code == 2 and "--image-size" in result.output and "16<=x<=1024" in result.output
+
+
+def test_a_folder_checkpoint_from_before_the_crop_is_refused(run_40px: Path, tmp_path: Path):
+    """Before --image-size, class folders were stretched to 32x32 and checkpoints had no image_size."""
+    ckpt = ck.load_checkpoint(run_40px / "baseline" / "checkpoint.pt")
+    ckpt[ck.PRESET] = {k: v for k, v in ckpt[ck.PRESET].items() if k != "image_size"} | {"dataset": "folder"}
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    result = CliRunner().invoke(main, ["evaluate", str(old), "--out", str(tmp_path / "e.json")])
+    assert result.exit_code == 1 and "stretched to 32x32 by a kdq older than --image-size" in result.output
+    assert not (tmp_path / "e.json").exists()

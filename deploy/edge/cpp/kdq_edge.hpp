@@ -330,15 +330,15 @@ inline Manifest load_manifest(const std::string& model) {
   try {
     Json j = JsonParser(text).parse();
     const Json* version = j.find("format_version");
-    if (!version || version->type != Json::Type::Number || version->number != 1)
-      throw ModelError(path + ": format_version is not 1; this app reads manifest format 1: rebuild it against "
-                       "a matching kdq-edge or re-export with a matching kdq");
+    if (!version || version->type != Json::Type::Number || (version->number != 1 && version->number != 2))
+      throw ModelError(path + ": format_version is not 1 or 2; this app reads manifest formats 1 and 2: rebuild it "
+                       "against a matching kdq-edge or re-export with a matching kdq");
     const Json& in = j.at("input");
     const Json& pre = j.at("preprocessing");
     if (in.at("layout").str() != "NCHW" || in.at("dtype").str() != "float32")
       throw ModelError(path + ": input " + in.at("layout").str() + "/" + in.at("dtype").str() +
                        " is not supported (NCHW float32 is)");
-    const std::string crop = pre.find("crop") ? pre.at("crop").str() : "none";  // older exports: stretch
+    const std::string crop = version->number >= 2 ? pre.at("crop").str() : "none";  // format 1: stretch
     if (pre.at("resize").str() != "bilinear" || pre.at("color").str() != "RGB" || (crop != "none" && crop != "center"))
       throw ModelError(path + ": preprocessing resize=" + pre.at("resize").str() + " crop=" + crop + " color=" +
                        pre.at("color").str() + " is not supported (bilinear; none or center; RGB)");
@@ -347,6 +347,9 @@ inline Manifest load_manifest(const std::string& model) {
     m.output_name = j.at("output").at("name").str();
     m.height = int(pre.at("size").arr().at(0).num());
     m.width = int(pre.at("size").arr().at(1).num());
+    if (m.center_crop && m.width != m.height)
+      throw ModelError(path + ": crop center needs a square size, got " + std::to_string(m.height) + "x" +
+                       std::to_string(m.width));
     const auto& shape = in.at("shape").arr();
     if (shape.size() != 4 || shape[1].num() != 3 || shape[2].num() != m.height || shape[3].num() != m.width)
       throw ModelError(path + ": input shape disagrees with preprocessing size");
@@ -643,8 +646,9 @@ struct Options {
 inline std::string usage(const std::string& prog, const std::string& runtime) {
   return "usage: " + prog + " --model DIR [--top-k K] [--json] [--logits] [--threads N] [--bench RUNS] IMAGE.ppm ...\n"
          "\nClassify PPM/PGM images with the int8 model of a `kdq export` folder (" + runtime + ").\n"
-         "Checks the artifact's sha256 against DIR/manifest.json before loading it, resizes each image to the\n"
-         "model's input size exactly as Pillow's bilinear resize did in training, normalizes with the manifest's\n"
+         "Checks the artifact's sha256 against DIR/manifest.json before loading it, resizes each image exactly as\n"
+         "training did (Pillow's bilinear resize, the shorter side to the model's input size, then the center\n"
+         "square; stretched to the size for format-1 manifests), normalizes with the manifest's\n"
          "mean/std, and prints the top-k labels with probabilities.\n"
          "\n  --model DIR      export folder (manifest.json + model files) written by `kdq export`\n"
          "  --top-k K        labels per image (default 5)\n"

@@ -11,7 +11,7 @@ from typing import Any
 from kdq_edge.errors import IntegrityError, ManifestError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSIONS = (1,)  # manifest format versions this runtime understands
+FORMAT_VERSIONS = (1, 2)  # manifest formats this runtime understands; 2 added preprocessing.crop
 RESIZE = ("bilinear",)  # PIL filters this runtime implements, by manifest name
 CROP = ("none", "center")  # none: stretch to the size; center: shorter side to the size, then the center square
 COLOR = ("RGB",)
@@ -84,7 +84,7 @@ def _parse(folder: Path, raw: dict[str, Any]) -> Manifest:
     inp, pre = raw["input"], raw["preprocessing"]
     if inp["layout"] != "NCHW" or inp["dtype"] != "float32":
         raise ManifestError(f"{where}: input {inp['layout']}/{inp['dtype']} is not supported (NCHW float32 is)")
-    crop = pre.get("crop", "none")  # exports before kdq wrote it stretched every image to the size
+    crop = pre["crop"] if version >= 2 else "none"  # format 1: every image stretched to the size
     if pre["resize"] not in RESIZE or pre["color"] not in COLOR or crop not in CROP:
         raise ManifestError(
             f"{where}: preprocessing resize={pre['resize']!r} crop={crop!r} color={pre['color']!r} is not supported "
