@@ -4,7 +4,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen
 PRESET ?= demo
 
-.PHONY: setup demo test test-python lint format bench bench-accuracy bench-flows clean help train-remote image services
+.PHONY: setup demo test test-python test-other-cpu lint format bench bench-accuracy bench-flows clean help train-remote image services
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,17 @@ PY_BIN = $(or $(firstword $(wildcard $(HOME)/.pyenv/versions/$(PY).*/bin/python$
 PYTEST_ARGS ?= -m "not pipeline"
 test-python:  ## The suite on another Python in .venv-PY (PY=3.10 default; PYTEST_ARGS= for all of it)
 	UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=.venv-$(PY) $(UV) run --frozen --python $(PY_BIN) pytest $(PYTEST_ARGS)
+
+# The tests marked cpu_kind (tests/conftest.py) as the other x86 CPU kind. On a CPU with AVX-512 VNNI: as an
+# AVX2-only CPU (KDQ_CPU=avx2, kdq/cpu.py: fbgemm forced to AVX2, ONNX Runtime under qemu). A CPU without VNNI
+# cannot be made one (qemu-user has no AVX-512): `make test` there already ran them as AVX2, and this says so.
+OTHER_CPU := $(shell grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null && echo avx2)
+test-other-cpu: setup  ## The CPU-dependent tests as the other CPU kind (VNNI CPU: KDQ_CPU=avx2)
+ifeq ($(OTHER_CPU),)
+	@echo "make test-other-cpu: this CPU has no AVX-512 VNNI, and VNNI cannot be emulated (qemu-user has no AVX-512): its own run (make test) is the AVX2 one"
+else
+	KDQ_CPU=$(OTHER_CPU) $(RUN) pytest -m cpu_kind $(PYTEST_OTHER_CPU_ARGS)
+endif
 
 lint: setup  ## ruff lint + format check
 	$(RUN) ruff check .

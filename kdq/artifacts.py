@@ -76,18 +76,40 @@ class Target:
     flow: str = "eager"  # the quantization flow the checkpoint must come from (kdq.quant)
 
 
-def load_target(name_or_path: str | Path) -> Target:
-    """A target by name (`export/NAME.toml`) or by path to a TOML file; unknown keys, formats, gates or paths
-    are one-line errors here, before anything is exported."""
+def target_file(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """The TOML file of a target named `export/NAME.toml`, or given as a path (relative to `relative_to`'s folder)."""
     path = Path(name_or_path)
     if path.suffix != ".toml":
         path = TARGETS_DIR / f"{name_or_path}.toml"
+    elif relative_to is not None and not path.is_absolute():
+        path = relative_to.parent / path
     if not path.is_file():
         known = sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
         raise ExportError(
             f"unknown export target {str(name_or_path)!r}; choose from: {', '.join(known)} or a .toml path"
         )
+    return path
+
+
+def target_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A target file's keys, over those of the target it `extends` (by name or path). A table it gives
+    ([gates], [latency]) replaces the base's whole: every gate a target checks is written in one file."""
+    if path.resolve() in seen:
+        raise ExportError(f"{path}: `extends` goes round in a circle ({' -> '.join(p.name for p in seen)})")
     data = read_toml(path, ExportError)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ExportError(f"{path}: extends takes a target name or a .toml path")
+    return target_data(target_file(base, path), (*seen, path.resolve())) | data
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A target by name (`export/NAME.toml`) or by path to a TOML file; unknown keys, formats, gates or paths
+    are one-line errors here, before anything is exported."""
+    path = target_file(name_or_path)
+    data = target_data(path)
     unknown = set(data) - {f for f in Target.__dataclass_fields__ if f != "name"}
     if unknown:
         raise ExportError(f"{path}: unknown keys {sorted(unknown)}")

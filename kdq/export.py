@@ -269,6 +269,6 @@ def _certify(ckpt: dict, checkpoint: Path, folder: Path, target: Target, data_di
     save_text(format_report(report), folder / PARITY_MD)
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["certificate"] = {"passed": report["passed"], "file": PARITY_JSON, "measured_on": report["where"],
-                               "paths": report["paths"]}  # fmt: skip
+                               "paths": report["paths"], "path_runs": report["path_runs"]}  # fmt: skip
     save_json(manifest, folder / MANIFEST)
     return report

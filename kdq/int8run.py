@@ -26,8 +26,9 @@ class Int8RunError(KdqError):
     """The child process that runs an int8 path failed (its last line of error output says why)."""
 
 
-def ort_session(path: str | os.PathLike, threads: int = 1, config: Mapping[str, str] | None = None):
-    """An explicit ONNX Runtime CPU session: all graph optimizations, `threads` intra-op threads, config entries."""
+def ort_session(model: str | os.PathLike | bytes, threads: int = 1, config: Mapping[str, str] | None = None):
+    """An explicit ONNX Runtime CPU session of a file or serialized model: all graph optimizations, `threads`
+    intra-op threads, config entries."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -35,7 +36,8 @@ def ort_session(path: str | os.PathLike, threads: int = 1, config: Mapping[str, 
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, str(value))
-    return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 def logits_in_child(

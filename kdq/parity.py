@@ -28,7 +28,21 @@ from kdq import checkpoint as ck
 from kdq import pt2e, pt2e_export
 from kdq.artifacts import ARTIFACTS, RATIO_GATES, ExportError, sha256, verify_artifacts
 from kdq.config import Preset
-from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, avx2_emulator, describe, environment, has_vnni
+from kdq.cpu import (
+    AVX2_ENV,
+    FBGEMM_ISA_ENV,
+    IDENTITY_ENV,
+    ORT_EXACT_U8S8,
+    describe,
+    describe_isa,
+    environment,
+    fbgemm_saturates,
+    identity,
+    int8_isa,
+    native_isa,
+    ort_avx2_launcher,
+    quantized_engine,
+)
 from kdq.data import Normalize, load_test_split
 from kdq.evaluate import median_ms
 from kdq.files import save_json
@@ -259,7 +273,7 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
         raise ExportError(f"{checkpoint} is not the checkpoint {folder} was exported from (sha256 differs)")
     ckpt = ck.load_checkpoint(checkpoint)
     if ckpt[QUANTIZATION]["flow"] == "eager":  # its int8 modules run on the engine they were packed for
-        torch.backends.quantized.engine = ckpt[QUANTIZATION]["backend"]
+        torch.backends.quantized.engine = quantized_engine(ckpt[QUANTIZATION]["backend"])
     target = manifest["target"]
     gates, ort_config = target["gates"], target.get("onnxruntime_config", {})
     grid = dict(target["latency"])
@@ -289,9 +303,13 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
             if reference is not None and (reference / ARTIFACTS[fmt]).is_file():
                 runners[(runtime, "fp32")] = load(reference / ARTIFACTS[fmt])
 
-    logits = {f"{r}_{p}": batched(run, x) for (r, p), run in runners.items()}
     pytorch_int8 = get_flow(ckpt[QUANTIZATION]["flow"]).int8_kernels_in_pytorch
-    paths, missing = _other_paths(target.get("paths", []), checkpoint, onnx, x, logits, pytorch_int8)
+    paths = Int8Paths(checkpoint, onnx, ort_config, x)
+    logits = {f"{r}_{p}": batched(run, x) for (r, p), run in runners.items()
+              if (r, p) != ("onnxruntime", "int8") or not paths.ort_launcher}  # fmt: skip
+    if onnx and paths.ort_launcher:  # KDQ_CPU=avx2 on a VNNI CPU: accuracy on the emulated AVX2 CPU
+        logits["onnxruntime_int8"] = paths.ort_logits(ort_config, paths.ort_launcher)
+    runs = paths.run(target.get("paths", []), logits, pytorch_int8)
     ref = logits[REFERENCE]
     report: dict = {
         "test_samples": len(labels),
@@ -303,8 +321,9 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
             for k, v in logits.items()
             if "_int8" in k and k != REFERENCE
         },  # fmt: skip
-        "paths": paths,
-        "missing_paths": missing,
+        "paths": paths.taken,
+        "path_runs": runs,
+        "missing_paths": paths.missing,
         "onnxruntime_config": ort_config,
         "sizes_bytes": {fmt: art["bytes"] for fmt, art in formats.items()},
     }
@@ -329,35 +348,85 @@ _FP32_REFERENCES = (  # (format, runtime, loader) of the fp32 artifacts `kdq.exp
 )
 
 
-def _other_paths(names: list[str], checkpoint: Path, onnx: Path | None, x: np.ndarray, logits: dict,
-                 pytorch_int8: bool):  # fmt: skip
-    """Run the int8 runtimes on the extra paths the target names; add their logits as `RUNTIME_int8@PATH`.
-    `pytorch_int8`: PyTorch runs real int8 kernels (`Flow.int8_kernels_in_pytorch`): it has an AVX2 path too.
+class Int8Paths:
+    """The int8 arithmetic paths of one certificate: the native one (this CPU's, or the one `KDQ_CPU` names) and
+    the extra ones a target names ("avx2": the int16-saturating kernels of CPUs without VNNI; "exact": ONNX
+    Runtime's non-saturating kernels). Records how each path was taken (`taken`), which logits computed it
+    (`run`'s result, {path: {runtime: logits key}}), and the paths that could not be taken, with the reason."""
 
-    Returns how each path was taken, and the paths that could not be taken with the reason (their gate fails).
-    """
-    taken: dict[str, str] = {"native": "VNNI" if has_vnni() else "AVX2 (no VNNI)"}
-    missing: dict[str, str] = {}
-    for name in names:
-        if name == "exact":
-            if onnx:
-                logits["onnxruntime_int8@exact"] = batched(ort_runner(ort_session(str(onnx), 1, ORT_EXACT_U8S8)), x)
-            taken[name] = "ONNX Runtime with session.x64quantprecision=1 (u8u8, no int16 saturation)"
-        elif name == "avx2" and not has_vnni():
-            taken[name] = "this CPU (no VNNI): the native runs above are the AVX2 path"
-        elif name == "avx2":
-            how = "PyTorch: Q/DQ in float (no int8 kernel, no AVX2 path)"
-            if pytorch_int8:
-                logits["pytorch_int8@avx2"] = logits_in_child("torch", checkpoint, x, ["fbgemm"], env=AVX2_ENV)
-                how = f"PyTorch: fbgemm engine with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}"
-            emulator = avx2_emulator()
-            if onnx and emulator:
-                logits["onnxruntime_int8@avx2"] = logits_in_child("onnx", onnx, x, launcher=emulator)
-                how += f"; ONNX Runtime: under `{' '.join(Path(c).name for c in emulator)}` (emulated AVX2 CPU)"
-            elif onnx:
-                missing[name] = "qemu-x86_64 not found: install Debian's qemu-user to certify ONNX Runtime's AVX2 path"
-            taken[name] = how
-    return taken, missing
+    def __init__(self, checkpoint: Path, onnx: Path | None, ort_config: dict, x: np.ndarray):
+        self.checkpoint, self.onnx, self.ort_config, self.x = checkpoint, onnx, ort_config, x
+        self.isa, self.native = int8_isa(), native_isa()
+        self.missing: dict[str, str] = {}
+        self.taken: dict[str, str] = {"native": describe_isa(self.isa)}
+        if self.isa != self.native:
+            self.taken["native"] += f" ({IDENTITY_ENV}={identity()} on a {describe_isa(self.native)} CPU)"
+        self.ort_launcher: list[str] = []  # how this certificate runs ONNX Runtime's native path
+        if onnx and self.isa["onnxruntime"] != self.native["onnxruntime"]:
+            launcher, reason = ort_avx2_launcher()
+            if launcher is None:
+                raise ExportError(f"{IDENTITY_ENV}=avx2 cannot run ONNX Runtime's AVX2 kernels here: {reason}")
+            self.ort_launcher = launcher
+        if self.isa["pytorch"] != self.native["pytorch"] and not fbgemm_saturates():
+            raise ExportError(
+                f"{IDENTITY_ENV}=avx2 did not force PyTorch's AVX2 kernels (an int8 op ran before kdq was imported?): "
+                f"set {FBGEMM_ISA_ENV}=AVX2 before starting Python"
+            )
+
+    def ort_logits(self, config: dict, launcher: list[str]) -> np.ndarray:
+        """ONNX Runtime int8 logits with session `config`, in this process or under `launcher` (an emulator)."""
+        if launcher:
+            return logits_in_child("onnx", self.onnx, self.x, [f"{k}={v}" for k, v in config.items()],
+                                   launcher=launcher)  # fmt: skip
+        return batched(ort_runner(ort_session(str(self.onnx), 1, config)), self.x)
+
+    def run(self, names: list[str], logits: dict, pytorch_int8: bool) -> dict[str, dict[str, str]]:
+        """Add the logits of each extra path as `RUNTIME_int8@PATH`; return which logits computed each path.
+        `pytorch_int8`: PyTorch runs real int8 kernels (`Flow.int8_kernels_in_pytorch`): it has an AVX2 path too."""
+        runs = {"native": {k: k for k in logits if k.endswith("_int8")}}
+        for name in names:
+            if name == "exact" and self.onnx:
+                logits["onnxruntime_int8@exact"] = self.ort_logits({**self.ort_config, **ORT_EXACT_U8S8},
+                                                                   self.ort_launcher)  # fmt: skip
+                runs[name] = {"onnxruntime_int8": "onnxruntime_int8@exact"}
+                self.taken[name] = "ONNX Runtime with session.x64quantprecision=1 (u8u8, no int16 saturation)"
+                if self.ort_launcher:
+                    self.taken[name] += " on the emulated AVX2 CPU"
+            elif name == "avx2":
+                runs[name], how = {}, []
+                if pytorch_int8:
+                    runs[name]["pytorch_int8"], text = self._pytorch_avx2(logits)
+                    how.append(f"PyTorch: {text}")
+                else:
+                    how.append("PyTorch: Q/DQ in float (no int8 kernel, no AVX2 path)")
+                if self.onnx:
+                    key, text = self._ort_avx2(logits)
+                    if key:
+                        runs[name]["onnxruntime_int8"] = key
+                    how.append(f"ONNX Runtime: {text}")
+                self.taken[name] = "; ".join(how)
+        return runs
+
+    def _pytorch_avx2(self, logits: dict) -> tuple[str, str]:
+        if self.isa["pytorch"] == "avx2":
+            return "pytorch_int8", "the native run (fbgemm's AVX2 kernels)"
+        logits["pytorch_int8@avx2"] = logits_in_child("torch", self.checkpoint, self.x, ["fbgemm"], env=AVX2_ENV)
+        return "pytorch_int8@avx2", f"fbgemm engine with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}"
+
+    def _ort_avx2(self, logits: dict) -> tuple[str | None, str]:
+        if self.isa["onnxruntime"] == "avx2":
+            where = f", {self._emulated(self.ort_launcher)}" if self.ort_launcher else ""
+            return "onnxruntime_int8", f"the native run{where}"
+        launcher, reason = ort_avx2_launcher()
+        if launcher is None:
+            self.missing["avx2"] = reason
+            return None, f"not run ({reason})"
+        logits["onnxruntime_int8@avx2"] = self.ort_logits(self.ort_config, launcher)
+        return "onnxruntime_int8@avx2", self._emulated(launcher)
+
+    @staticmethod
+    def _emulated(launcher: list[str]) -> str:
+        return f"under `{' '.join(Path(c).name for c in launcher)}` (emulated AVX2 CPU, canary passed)"
 
 
 def _latency_grid(

@@ -46,6 +46,7 @@ from torch.ao import quantization as tq
 from kdq import pt2e
 from kdq.checkpoint import ARCH, MODEL, CheckpointError, input_size
 from kdq.config import FLOW_BACKENDS
+from kdq.cpu import quantized_engine
 from kdq.models import build_model
 
 QUANTIZATION = "quantization"  # checkpoint key: {"flow", "backend", "mode", ...}
@@ -243,7 +244,8 @@ def int8_model(ckpt: dict[str, Any], path: Any = "checkpoint", engine: str | Non
 
     `engine` packs the weights for another quantized engine of the same backend: "fbgemm" is what the x86
     engine runs on CPUs without VNNI (on VNNI CPUs it sends most convolutions to oneDNN), so together with
-    `kdq.cpu.AVX2_ENV` it reproduces an AVX2-only machine's int8 arithmetic on any x86 CPU.
+    `kdq.cpu.AVX2_ENV` it reproduces an AVX2-only machine's int8 arithmetic on any x86 CPU. By default, the
+    engine of kdq's CPU identity (`kdq.cpu.quantized_engine`: fbgemm for x86 under `KDQ_CPU=avx2`).
     """
     if not is_quantized(ckpt):
         raise CheckpointError(
@@ -252,7 +254,8 @@ def int8_model(ckpt: dict[str, Any], path: Any = "checkpoint", engine: str | Non
     q = ckpt[QUANTIZATION]
 
     def convert() -> nn.Module:
-        return get_flow(q["flow"]).convert(prepared_from_checkpoint(ckpt, path), q["backend"], engine)
+        chosen = engine or quantized_engine(q["backend"])
+        return get_flow(q["flow"]).convert(prepared_from_checkpoint(ckpt, path), q["backend"], chosen)
 
     if q["flow"] == "pt2e" and isinstance(path, Path) and path.is_file():
         from kdq.pt2e_export import cached_int8

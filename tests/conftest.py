@@ -11,14 +11,21 @@ import pytest
 import torch
 
 from kdq.data import CIFAR10_CLASSES, Dataset, Split, load_digits
+from tests.targets import SMOKE_TARGET
+
+# Tests whose int8 arithmetic depends on the CPU kind: CI runs them in both identities (Makefile: test-other-cpu).
+CPU_KIND_MODULES = ("test_certificate", "test_quant_export", "test_pt2e", "test_edge")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that need the session's smoke pipeline run (directly or through another fixture) are marked
-    `pipeline`: `make test-python` runs the others on a second Python version within CI's time."""
+    `pipeline`: `make test-python` runs the others on a second Python version within CI's time. Tests of the
+    CPU-dependent modules are marked `cpu_kind`."""
     for item in items:
         if "smoke_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.pipeline)
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in CPU_KIND_MODULES:
+            item.add_marker(pytest.mark.cpu_kind)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +96,7 @@ def smoke_run(tmp_path_factory) -> Path:
             "--latency-runs",
             "3",
             "--target",
-            str(Path(__file__).parent / "smoke-target.toml"),
+            str(SMOKE_TARGET),
         ],
     )
     assert result.exit_code == 0, result.output

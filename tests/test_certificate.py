@@ -11,16 +11,35 @@ import pytest
 import torch
 
 from kdq import checkpoint as ck
+from kdq import cpu
 from kdq.artifacts import GATES, ExportError, Target, load_target
-from kdq.cpu import AVX2_ENV, ORT_EXACT_U8S8, has_vnni
+from kdq.cpu import (
+    CANARY_EXACT,
+    CANARY_SATURATED,
+    IDENTITY_ENV,
+    ORT_EXACT_U8S8,
+    avx2_canary,
+    avx2_emulator,
+    canary_outputs,
+    describe_isa,
+    has_vnni,
+    identity,
+    int8_isa,
+    native_isa,
+    ort_avx2_launcher,
+    quantized_engine,
+)
 from kdq.data import Normalize
-from kdq.export import export
-from kdq.int8run import ort_session
+from kdq.errors import KdqError
+from kdq.export import export, export_onnx
+from kdq.int8run import logits_in_child
 from kdq.parity import agreement, check_gates
-from kdq.quant import QUANTIZATION, Scheme
+from kdq.quant import QUANTIZATION, Scheme, int8_model
 from kdq.recipes import RunOptions, quantize_static
+from tests.int8_layers import exact_conv, quantized_convs
+from tests.targets import SMOKE_TARGET
 
-SMOKE_TARGET = Path(__file__).parent / "smoke-target.toml"
+ROOT = Path(__file__).parent.parent
 
 
 def report(**changes) -> dict:
@@ -119,10 +138,10 @@ def test_target_files_name_only_known_gates(tmp_path):
     bad.write_text(SMOKE_TARGET.read_text().replace("[gates]", "[gates]\nort_top1_agrement_min = 0.9"))
     with pytest.raises(ExportError, match="unknown gates.*ort_top1_agrement_min"):
         load_target(bad)
-    bad.write_text(SMOKE_TARGET.read_text().replace('paths = ["avx2", "exact"]', 'paths = ["avx3"]'))
+    bad.write_text('paths = ["avx3"]\n' + SMOKE_TARGET.read_text())
     with pytest.raises(ExportError, match="unknown paths"):
         load_target(bad)
-    bad.write_text(SMOKE_TARGET.read_text().replace('backend = "x86"', 'backend = "qnnpack"'))
+    bad.write_text('backend = "qnnpack"\n' + SMOKE_TARGET.read_text())  # x86's paths, inherited
     with pytest.raises(ExportError, match="path avx2 is x86's"):
         load_target(bad)
 
@@ -143,52 +162,114 @@ def schemes(smoke_run, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def fbgemm_logits(checkpoint: Path, x: np.ndarray, tmp: Path, env: dict) -> np.ndarray:
-    """PyTorch int8 logits on fbgemm (the x86 engine of CPUs without VNNI), in a fresh process with `env`."""
-    np.save(tmp / "x.npy", x)
-    cmd = [sys.executable, "-m", "kdq.int8run", "torch", str(checkpoint), str(tmp / "x.npy"), str(tmp / "o.npy")]
-    subprocess.run([*cmd, "fbgemm"], env={**os.environ, **env}, check=True, timeout=300)
-    return np.load(tmp / "o.npy")
-
-
-def test_seven_bit_activations_are_exact_on_the_avx2_path_and_eight_bits_are_not(schemes, digits, tmp_path):
-    """Both code paths on any CPU: the AVX2 path (fbgemm forced to AVX2 on a VNNI CPU, native elsewhere)
-    saturates 8-bit activations; with x86's 7-bit default it computes what exact integer arithmetic does
-    (fbgemm's VNNI kernels on a VNNI CPU, else ONNX Runtime's exact u8u8 kernels)."""
-    from kdq.export import export_onnx
-    from kdq.quant import int8_model
-
+def test_fbgemm_avx2_path_is_exact_integer_arithmetic_with_seven_bit_activations_only(schemes, digits, tmp_path):
+    """PyTorch's x86 engine as an AVX2-only CPU runs it (`KDQ_CPU=avx2`, on any x86 CPU), layer by layer, against
+    each convolution computed in exact integer arithmetic (tests/int8_layers.py) from the same int8 input: x86's
+    7-bit activations stay within 1 LSB (requantization rounding), full-range 8-bit ones saturate."""
     assert ck.load_checkpoint(schemes["a7"])[QUANTIZATION]["scheme"] == {"activation_bits": 7, "weight_bits": 8}
+    worst = {}
+    for name, path in schemes.items():
+        ckpt = ck.load_checkpoint(path)
+        np.save(tmp_path / "x.npy", Normalize(**ckpt[ck.NORMALIZATION])(digits.test.images[:64]).contiguous().numpy())
+        cmd = [sys.executable, "-m", "tests.int8_layers", str(path), str(tmp_path / "x.npy"), str(tmp_path / "o.npz")]
+        subprocess.run(cmd, env={**os.environ, IDENTITY_ENV: "avx2"}, cwd=ROOT, check=True, timeout=300)
+        seen = np.load(tmp_path / "o.npz")
+        model = int8_model(ckpt, path, engine="fbgemm")
+        worst[name] = max(
+            np.abs(
+                exact_conv(m, seen[f"{n}.x"], seen[f"{n}.x_scale"], seen[f"{n}.x_zero_point"]) - seen[f"{n}.y"]
+            ).max()
+            for n, m in quantized_convs(model).items()
+        )
+    assert worst["a7"] <= 1 and worst["a8"] >= 8, worst
+
+
+def test_onnxruntime_avx2_path_equals_its_exact_kernels_with_seven_bit_activations_only(schemes, digits, tmp_path):
+    """ONNX Runtime's AVX2 kernels (this CPU's own where it has no VNNI, else emulated: `ort_avx2_launcher`) against
+    its own exact u8u8 kernels on the same path: identical logits with 7-bit activations, saturated with 8 bits."""
+    launcher, reason = ort_avx2_launcher()
+    assert launcher is not None, reason
     diff, agree = {}, {}
     for name, path in schemes.items():
         ckpt = ck.load_checkpoint(path)
-        x = Normalize(**ckpt[ck.NORMALIZATION])(digits.test.images).contiguous().numpy()
-        avx2 = fbgemm_logits(path, x, tmp_path, AVX2_ENV)
-        if has_vnni():
-            exact = fbgemm_logits(path, x, tmp_path, {})
-        else:
-            export_onnx(int8_model(ckpt), tmp_path / f"{name}.onnx", 17)
-            exact = ort_session(tmp_path / f"{name}.onnx", 1, ORT_EXACT_U8S8).run(None, {"input": x})[0]
-        diff[name], agree[name] = np.abs(avx2 - exact).max(), (avx2.argmax(1) == exact.argmax(1)).mean()
-    if has_vnni():  # same library, same packing, only the instruction set differs
-        assert diff["a7"] == 0.0 and diff["a8"] > 1.0 and agree["a8"] < 0.99
-    else:
-        assert diff["a8"] > 3 * diff["a7"] and agree["a7"] >= 0.98
+        x = Normalize(**ckpt[ck.NORMALIZATION])(digits.test.images[:192]).contiguous().numpy()
+        export_onnx(int8_model(ckpt), tmp_path / f"{name}.onnx", 17)
+        default = logits_in_child("onnx", tmp_path / f"{name}.onnx", x, launcher=launcher)
+        exact = logits_in_child(
+            "onnx", tmp_path / f"{name}.onnx", x, ["session.x64quantprecision=1"], launcher=launcher
+        )
+        diff[name], agree[name] = np.abs(default - exact).max(), (default.argmax(1) == exact.argmax(1)).mean()
+    assert diff["a7"] == 0.0 and diff["a8"] > 1.0 and agree["a8"] < 0.99, (diff, agree)
+
+
+def test_the_avx2_canary_tells_a_saturating_emulator_from_one_without_avx2():
+    """An emulated CPU without AVX2 runs MLAS's SSE kernels, which do not saturate: the certificate would 'prove'
+    the AVX2 path without running it. The canary refuses such an emulator, and on this CPU's own kernels it
+    gives what the ISA kdq records for ONNX Runtime says it should."""
+    emulator = avx2_emulator()
+    assert emulator is not None, "make setup installs Debian's qemu-user"
+    assert avx2_canary(tuple(emulator)) is None
+    assert "does not run ONNX Runtime's int16-saturating" in avx2_canary((emulator[0], "-cpu", "Nehalem"))
+    expected = {"avx2": CANARY_SATURATED, "vnni": CANARY_EXACT}[native_isa()["onnxruntime"]]
+    assert canary_outputs() == {"default": expected, "exact": CANARY_EXACT}
+
+
+def test_kdq_cpu_avx2_runs_as_an_avx2_only_cpu(monkeypatch):
+    """KDQ_CPU=avx2: no VNNI for kdq, fbgemm's saturating kernels in a fresh process, fbgemm as x86's engine."""
+    monkeypatch.setenv(IDENTITY_ENV, "avx2")
+    assert not has_vnni() and int8_isa() == {"pytorch": "avx2", "onnxruntime": "avx2"}
+    assert quantized_engine("x86") == "fbgemm" and quantized_engine("qnnpack") == "qnnpack"
+    probe = "import kdq, os; print(kdq.cpu.fbgemm_saturates(), os.environ['FBGEMM_ENABLE_INSTRUCTIONS'])"
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "AVX2"]
+
+
+def test_kdq_cpu_refuses_what_it_cannot_be(monkeypatch):
+    """VNNI cannot be emulated (qemu-user has no AVX-512): refused on a CPU without it, one line, either kind."""
+    monkeypatch.setenv(IDENTITY_ENV, "vnni")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.raises(KdqError, match="VNNI cannot be emulated"):
+        cpu.identity()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "avx_vnni"})  # ORT's VNNI, not fbgemm's
+    with pytest.raises(KdqError, match="VNNI cannot be emulated"):
+        cpu.identity()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    assert cpu.identity() == "vnni" and cpu.has_vnni()
+    monkeypatch.setenv(IDENTITY_ENV, "avx512")
+    with pytest.raises(KdqError, match="choose from native, avx2, vnni"):
+        cpu.identity()
+
+
+def test_vnni_is_each_librarys_own(monkeypatch):
+    """fbgemm has AVX-512 VNNI kernels only; ONNX Runtime's MLAS has AVX-VNNI ones too (Alder Lake and later)."""
+    monkeypatch.delenv(IDENTITY_ENV, raising=False)
+    assert native_isa({"avx2", "avx_vnni"}) == {"pytorch": "avx2", "onnxruntime": "vnni"}
+    assert native_isa({"avx2", "avx512f", "avx512_vnni"}) == {"pytorch": "vnni", "onnxruntime": "vnni"}
+    assert native_isa({"avx2", "avx512f"}) == {"pytorch": "avx2", "onnxruntime": "avx2"}
+    assert not has_vnni({"avx2", "avx_vnni"}) and has_vnni({"avx2", "avx512f", "avx512_vnni"})
 
 
 def test_certificate_covers_both_paths_and_says_where(smoke_run):
+    """Every path the target names ran, and the logits of each are named: the AVX2 path is the native run exactly
+    where kdq's CPU identity takes AVX2 for that runtime, else a forced (PyTorch) or emulated (ORT) run."""
     parity = json.loads((smoke_run / "export-x86" / "parity.json").read_text())
-    assert set(parity["paths"]) == {"native", "avx2", "exact"}
-    if has_vnni():  # the AVX2 path was forced (PyTorch) and emulated (ORT); without VNNI it is the native one
-        assert {"pytorch_int8@avx2", "onnxruntime_int8@avx2"} <= set(parity["accuracy"])
-    assert "onnxruntime_int8@exact" in parity["accuracy"]
-    names = {c["name"] for c in parity["checks"]}
-    assert {f"int8_accuracy_drop[{rt}]" for rt in parity["accuracy"] if "_int8" in rt} <= names
     where = parity["where"]
-    assert where["cpu_model"] and isinstance(where["vnni"], bool) and where["torch_cpu_capability"]
+    assert set(parity["paths"]) == set(parity["path_runs"]) == {"native", "avx2", "exact"}
+    assert not parity["missing_paths"]
+    assert parity["path_runs"]["avx2"] == {
+        f"{rt}_int8": f"{rt}_int8" if isa == "avx2" else f"{rt}_int8@avx2" for rt, isa in where["int8_isa"].items()
+    }
+    assert parity["path_runs"]["exact"] == {"onnxruntime_int8": "onnxruntime_int8@exact"}
+    names = {c["name"] for c in parity["checks"]}
+    for runs in parity["path_runs"].values():
+        assert set(runs.values()) <= set(parity["accuracy"])
+        assert {f"int8_accuracy_drop[{key}]" for key in runs.values()} <= names
+    assert parity["paths"]["native"].startswith(describe_isa(where["int8_isa"]))
+    assert where["cpu_model"] and where["identity"] == identity() and where["torch_cpu_capability"]
     assert where["versions"]["onnxruntime"] and where["threads"]["torch"] >= 1
     manifest = json.loads((smoke_run / "export-x86" / "manifest.json").read_text())
     assert manifest["certificate"]["passed"] and manifest["certificate"]["measured_on"] == where
+    assert manifest["certificate"]["path_runs"] == parity["path_runs"]
     assert "Measured on" in (smoke_run / "export-x86" / "parity.md").read_text()
 
 

@@ -4,7 +4,6 @@ import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from kdq.export import export
 from kdq.models import count_parameters
 from kdq.quant import QUANTIZATION, float_reference, int8_model
 from kdq.recipes import RunOptions, quantize_static
+from tests.targets import smoke_target
 
 PARITY_ONLY = {  # the x86 gates without the timing ones: parity must hold on any machine load
     k: v for k, v in load_target("x86").gates.items() if not k.endswith("_ratio_vs_torchscript") and "fp32" not in k
@@ -144,11 +144,10 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
 
 
 def test_qnnpack_target_exports_too(smoke_run, tmp_path):
-    """PTQ for ARM (QNNPACK engine, per-channel weights), certified with smoke-target.toml's gates."""
+    """PTQ for ARM (QNNPACK engine, per-channel weights), certified with export/arm.toml's contract (its ONNX Runtime
+    session config too: 8-bit activations saturate ORT's AVX2 kernels without it) and smoke-target.toml's gates."""
     src = smoke_run / "student" / "checkpoint.pt"
-    smoke_target = (Path(__file__).parent / "smoke-target.toml").read_text()
-    arm = tmp_path / "smoke-arm.toml"
-    arm.write_text(smoke_target.replace('backend = "x86"', 'backend = "qnnpack"').replace('"avx2", ', ""))
+    arm = smoke_target("arm", tmp_path)
     runner = CliRunner()
     r = runner.invoke(main, ["quantize", str(src), "--backend", "qnnpack", "--calibration-batches", "8",
                              "--out", str(tmp_path / "q.pt")])  # fmt: skip
@@ -159,7 +158,7 @@ def test_qnnpack_target_exports_too(smoke_run, tmp_path):
     manifest = json.loads((tmp_path / "arm" / "manifest.json").read_text())
     assert manifest["target"]["backend"] == "qnnpack" and manifest["quantization"]["backend"] == "qnnpack"
     parity = json.loads((tmp_path / "arm" / "parity.json").read_text())
-    assert parity["passed"]
+    assert parity["passed"] and parity["onnxruntime_config"] == load_target("arm").onnxruntime_config
     float_acc = parity["accuracy"]["pytorch_fp32"]
     assert parity["accuracy"]["pytorch_int8"] >= float_acc - 0.03  # per-tensor depthwise weights gave 10%
 
