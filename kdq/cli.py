@@ -23,15 +23,18 @@ from kdq.config import (
     qat_stage,
     with_overrides,
 )
+from kdq.cpu import identity
 from kdq.errors import KdqError
 from kdq.presets import PRESET_NAMES, RecipeError, get_preset, load_recipe
 
 
 class KdqGroup(click.Group):
-    """Turns every KdqError (and bad values, and OS errors) into `Error: <one line>` and exit code 1."""
+    """Turns every KdqError (and bad values, and OS errors) into `Error: <one line>` and exit code 1. A CPU
+    identity kdq cannot take (`KDQ_CPU`, kdq.cpu) is refused before any command starts."""
 
     def invoke(self, ctx: click.Context):
         try:
+            identity()
             return super().invoke(ctx)
         except (KdqError, ValueError, OSError) as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else e.__class__.__name__) from e

@@ -44,9 +44,9 @@ def exact_conv(module: torch.nn.Module, x: np.ndarray, x_scale: float, x_zero_po
     as the int8 kernels do: round(acc * x_scale * w_scale / y_scale + bias / y_scale) + zero point, clamped."""
     w = module.weight()
     wq = w.int_repr().double() - w.q_per_channel_zero_points().double().view(-1, 1, 1, 1)
-    acc = torch.nn.functional.conv2d(torch.from_numpy(x).double() - x_zero_point, wq, None, module.stride,
+    acc = torch.nn.functional.conv2d(torch.from_numpy(x).double() - int(x_zero_point), wq, None, module.stride,
                                      module.padding, module.dilation, module.groups)  # fmt: skip
-    scale = x_scale * w.q_per_channel_scales().double().view(1, -1, 1, 1)
+    scale = float(x_scale) * w.q_per_channel_scales().double().view(1, -1, 1, 1)
     bias = module.bias()
     y = acc * scale + (0 if bias is None else bias.double().view(1, -1, 1, 1))
     q = torch.round(y / module.scale) + module.zero_point

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from kdq import checkpoint as ck
+from kdq import cpu
 from kdq.cli import main
 from kdq.data import load_digits, split_validation
 from kdq.models import build_model
@@ -384,6 +385,23 @@ def test_existing_outputs_need_overwrite(ws, tmp_path):
 
 
 # --- export ------------------------------------------------------------------------------------------------------
+
+
+def test_a_cpu_identity_kdq_cannot_take(ws, tmp_path, monkeypatch):
+    """Row 42: refused before the command starts, on either CPU kind (the CPU flags are the test's)."""
+    ptq = ws / "run" / "baseline_ptq" / "checkpoint.pt"
+    monkeypatch.setenv("KDQ_CPU", "avx512")
+    fails(["export", ptq, "--out", tmp_path / "e"], "KDQ_CPU='avx512': choose from native, avx2, vnni", tmp_path, ws)
+    monkeypatch.setenv("KDQ_CPU", "vnni")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(cpu, "cpu_model", lambda: "AMD EPYC 7B13")
+    fails(
+        ["export", ptq, "--out", tmp_path / "e"],
+        "KDQ_CPU=vnni on a CPU without AVX-512 VNNI (AMD EPYC 7B13): VNNI cannot be emulated (qemu-user has no "
+        "AVX-512); this CPU's own run is the AVX2 one",
+        tmp_path,
+        ws,
+    )
 
 
 def test_export_of_a_float_checkpoint(ws, tmp_path):
