@@ -150,7 +150,7 @@ def reference(smoke_run: Path, export_dir: Path, images: dict) -> dict:
     from kdq.quant import int8_model
 
     ckpt = load_checkpoint(smoke_run / "student_qat" / "checkpoint.pt")
-    model = int8_model(ckpt)
+    model = int8_model(ckpt, engine=ckpt["quantization"]["backend"])  # the apps' engine (KDQ_CPU steers kdq only)
     norm = Normalize(**ckpt["normalization"])
     x = norm(torch.stack([training_pixels(p) for p in [*images["png"], images["transparent"]]])).contiguous()
     with torch.no_grad():
@@ -571,7 +571,7 @@ def export_96(tmp_path_factory) -> dict:
     x = Normalize(**ckpt["normalization"])(test.images)
     session = ort_session(out / "model.onnx", 1)
     certified = np.concatenate([session.run(None, {"input": x[i : i + 1].numpy()})[0] for i in range(len(x))])
-    model = int8_model(ckpt)
+    model = int8_model(ckpt, engine=ckpt["quantization"]["backend"])  # the apps' engine (KDQ_CPU steers kdq only)
     with torch.no_grad():  # batch 1, as the apps run: int8 kernels may round otherwise in a batch
         pytorch_int8 = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
     files = sorted((data_dir / "test").glob("*/*.png"))  # ImageFolder's order: classes, then file names

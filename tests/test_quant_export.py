@@ -101,8 +101,8 @@ def test_artifacts_load_in_a_fresh_process_and_agree(smoke_run, digits, tmp_path
     np.save(tmp_path / "x.npy", x.numpy())
     args = [str(smoke_run / "export-x86"), *(str(tmp_path / f) for f in ("x.npy", "ts.npy", "ort.npy"))]
     subprocess.run([sys.executable, "-c", FRESH_PROCESS, *args], check=True, timeout=300)
-    with torch.no_grad():
-        ref = int8_model(ckpt)(x).numpy()
+    with torch.no_grad():  # the fresh process's engine, the manifest's backend (KDQ_CPU steers kdq only)
+        ref = int8_model(ckpt, engine=ckpt[QUANTIZATION]["backend"])(x).numpy()
     assert np.array_equal(np.load(tmp_path / "ts.npy"), ref)
     ort = np.load(tmp_path / "ort.npy")
     assert (ort.argmax(1) == ref.argmax(1)).mean() >= 0.95 and np.abs(ort - ref).mean() <= 0.3
