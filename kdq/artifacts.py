@@ -53,6 +53,8 @@ RATIO_GATES = (
     "ort_int8_max_ratio_vs_fp32",
     "executorch_int8_max_ratio_vs_fp32",
 )  # value: {max, margin} or a number
+BOOLEAN_GATES = ("torchscript_identical", "pt2_identical", "ort_int8_kernels", "executorch_int8_delegated")
+LATENCY_KEYS = ("batch_sizes", "threads", "rounds", "warmup", "runs")  # [latency] of a target (kdq.parity)
 PATHS = ("avx2", "exact")  # extra int8 arithmetic paths a target may certify (kdq.cpu, kdq.parity)
 
 
@@ -129,6 +131,12 @@ def load_target(name_or_path: str | Path) -> Target:
         raise ExportError(f"{path}: format executorch is lowered to XNNPACK: it needs backend xnnpack")
     if "avx2" in data.get("paths", []) and data.get("backend") != "x86":
         raise ExportError(f"{path}: path avx2 is x86's int8 arithmetic; a {data.get('backend')} target cannot take it")
+    for gate in BOOLEAN_GATES:
+        if data.get("gates", {}).get(gate, True) is not True:
+            raise ExportError(f"{path}: gate {gate} is on when named (true); remove it to leave it out")
+    bad = set(data.get("latency", {})) - set(LATENCY_KEYS)
+    if bad:
+        raise ExportError(f"{path}: unknown [latency] keys {sorted(bad)}; choose from: {', '.join(LATENCY_KEYS)}")
     for gate in RATIO_GATES:
         spec = data.get("gates", {}).get(gate)
         if isinstance(spec, dict) and set(spec) - {"max", "margin"}:

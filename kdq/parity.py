@@ -19,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -127,6 +128,13 @@ def batched(run: Runner, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate([run(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
+def confident_margin(gates: dict, runtime: str) -> float:
+    """The top-2 logit margin above which `runtime` must agree with PyTorch int8: its own gate's (for ONNX
+    Runtime `ort_confident_margin`, for ExecuTorch `executorch_confident_margin`), else 1.0."""
+    prefix = {rt: p for p, rt in AGREEMENT_GATES.items()}.get(runtime.partition("@")[0])
+    return gates.get(f"{prefix}_confident_margin", 1.0)
+
+
 def agreement(ref: np.ndarray, other: np.ndarray, margin: float) -> dict:
     top2 = np.sort(ref, axis=1)[:, -2:]
     confident = (top2[:, 1] - top2[:, 0]) > margin
@@ -137,6 +145,7 @@ def agreement(ref: np.ndarray, other: np.ndarray, margin: float) -> dict:
         "top1_agreement": float(same.mean()),
         "confident_agreement": float(same[confident].mean()) if confident.any() else 1.0,
         "confident_samples": int(confident.sum()),
+        "confident_margin": margin,
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
         "mean_abs_logit_rel": float(diff.mean()) / scale,  # in units of the reference logits' std
@@ -150,84 +159,138 @@ def per_class_accuracy(logits: np.ndarray, labels: np.ndarray, classes: int) -> 
 
 
 # --- gates -----------------------------------------------------------------------------------------
+# One small function per gate (optimum's staged validation): each reads its inputs from the report, and returns
+# its records. `check_gates` runs every gate the target names; the registry and kdq.artifacts.GATES name the same.
+
+Check = dict[str, Any]
+Gate = Callable[[str, Any, dict], list[Check]]
+_REGISTRY: dict[str, Gate] = {}
+NO_FLOAT = (
+    "the checkpoint records no float model to compare with: quantize a float checkpoint "
+    "(`kdq quantize`, or `kdq distill --qat --init STUDENT`) to get one"
+)
 
 
-def check_gates(report: dict, gates: dict) -> list[dict]:
+def gate(*names: str) -> Callable[[Gate], Gate]:
+    """Register a gate function under the gate names it checks."""
+
+    def register(fn: Gate) -> Gate:
+        for name in names:
+            _REGISTRY[name] = fn
+        return fn
+
+    return register
+
+
+def record(name: str, value, threshold, passed, reason: str | None = None) -> Check:
+    return {"name": name, "value": value, "threshold": threshold, "passed": bool(passed), "reason": reason}
+
+
+def check_gates(report: dict, gates: dict) -> list[Check]:
     """One record per gate the target names (per runtime for the accuracy gates): name, value, threshold,
     passed, and the reason when its inputs are missing (then it fails: no gate is skipped)."""
-    checks: list[dict] = []
-
-    def add(name, value, threshold, passed, reason=None):
-        checks.append({"name": name, "value": value, "threshold": threshold, "passed": bool(passed), "reason": reason})
-
-    acc, agree = report["accuracy"], report["agreement"]
-    int8_runtimes = [k for k in acc if "_int8" in k]
-    no_float = (
-        "the checkpoint records no float model to compare with: quantize a float checkpoint "
-        "(`kdq quantize`, or `kdq distill --qat --init STUDENT`) to get one"
-    )
-    for gate, t in gates.items():
-        prefix, _, check = gate.partition("_")
-        if gate in ("torchscript_identical", "pt2_identical"):
-            same = agree.get(prefix)
-            if same is None:
-                add(gate, None, 0.0, False, f"no {ARTIFACT_NAMES[prefix]} artifact in this export")
-            else:
-                add(gate, same["max_abs_logit_diff"], 0.0, same["identical"] or not t)
-        elif prefix in AGREEMENT_GATES and check in AGREEMENT_CHECKS:
-            runtime = AGREEMENT_GATES[prefix]
-            a = agree.get(runtime)
-            if a is None:
-                add(gate, None, t, False, f"no {ARTIFACT_NAMES[runtime]} artifact in this export")
-            elif check == "top1_agreement_min":
-                add(f"{prefix}_top1_agreement", a["top1_agreement"], t, a["top1_agreement"] >= t)
-            elif check == "confident_margin":
-                add(f"{prefix}_confident_agreement", a["confident_agreement"], 1.0, a["confident_agreement"] == 1.0)
-            elif check == "mean_abs_logit_rel_max":
-                add(f"{prefix}_mean_abs_logit_rel", a["mean_abs_logit_rel"], t, a["mean_abs_logit_rel"] <= t)
-            else:
-                d = abs(acc[f"{runtime}_int8"] - acc[REFERENCE])
-                add(f"{prefix}_accuracy_delta", d, t, d <= t + EPS)
-        elif gate == "executorch_int8_delegated":
-            d = report.get("executorch_delegation")
-            if not d:
-                add(gate, None, t, False, "no ExecuTorch artifact in this export")
-            else:
-                outside = d["int8_ops_outside"]
-                reason = f"outside the delegate: {outside}" if outside else None
-                add(gate, d["delegated_convolutions"], d["model_convs"],
-                    d["delegated_convolutions"] == d["model_convs"] and not outside, reason)  # fmt: skip
-        elif gate == "ort_int8_kernels":
-            k = report.get("ort_kernels")
-            if not k:
-                add(gate, None, t, False, "no ONNX artifact in this export")
-            else:
-                convs = k["int8"].get("QLinearConv", 0)
-                reason = f"{k['float_convs']} convolutions left in float" if k["float_convs"] else None
-                add(gate, convs, k["model_convs"], convs == k["model_convs"] and not k["float_convs"], reason)
-        elif gate in ("int8_accuracy_drop_max", "class_drop_max"):
-            if FLOAT not in acc:
-                add(gate, None, t, False, no_float)
-                continue
-            for rt in int8_runtimes:
-                if gate == "int8_accuracy_drop_max":
-                    d = acc[FLOAT] - acc[rt]
-                    add(f"int8_accuracy_drop[{rt}]", d, t, d <= t + EPS)
-                else:
-                    drops = np.subtract(report["per_class"][FLOAT], report["per_class"][rt])
-                    worst = int(drops.argmax())
-                    reason = f"class {report['classes'][worst]!r}" if drops[worst] > t + EPS else None
-                    add(f"class_drop[{rt}]", float(drops[worst]), t, drops[worst] <= t + EPS, reason)
-        elif gate == "min_accuracy":
-            for rt in int8_runtimes:
-                add(f"min_accuracy[{rt}]", acc[rt], t, acc[rt] >= t - EPS)
-        elif gate in _RATIOS:
-            _ratio_gate(add, gate, t, report)
-        else:  # load_target refuses unknown names; a hand-edited manifest must not pass silently either
-            add(gate, None, t, False, "unknown gate")
+    checks: list[Check] = []
+    for name, threshold in gates.items():
+        check = _REGISTRY.get(name)
+        # load_target refuses unknown names; a hand-edited manifest must not pass silently either
+        checks += check(name, threshold, report) if check else [record(name, None, threshold, False, "unknown gate")]
     for path, reason in report.get("missing_paths", {}).items():
-        add(f"path[{path}]", None, None, False, reason)
+        checks.append(record(f"path[{path}]", None, None, False, reason))
     return checks
+
+
+def int8_runtimes(report: dict) -> list[str]:
+    return [k for k in report["accuracy"] if "_int8" in k]
+
+
+@gate("torchscript_identical", "pt2_identical")
+def identical(name: str, required: bool, report: dict) -> list[Check]:
+    """The saved program's int8 logits equal PyTorch int8's bit for bit."""
+    artifact = name.partition("_")[0]
+    same = report["agreement"].get(artifact)
+    if same is None:
+        return [record(name, None, 0.0, False, f"no {ARTIFACT_NAMES[artifact]} artifact in this export")]
+    return [record(name, same["max_abs_logit_diff"], 0.0, same["identical"])]
+
+
+@gate(*(f"{prefix}_{check}" for prefix in AGREEMENT_GATES for check in AGREEMENT_CHECKS))
+def runtime_agreement(name: str, threshold: float, report: dict) -> list[Check]:
+    """ONNX Runtime or ExecuTorch int8 against PyTorch int8: top-1 agreement, agreement where PyTorch's top-2
+    margin exceeds the runtime's own confident margin, mean logit difference, accuracy difference."""
+    prefix, _, check = name.partition("_")
+    runtime = AGREEMENT_GATES[prefix]
+    a = report["agreement"].get(runtime)
+    if a is None:
+        return [record(name, None, threshold, False, f"no {ARTIFACT_NAMES[runtime]} artifact in this export")]
+    if check == "top1_agreement_min":
+        return [record(f"{prefix}_top1_agreement", a["top1_agreement"], threshold, a["top1_agreement"] >= threshold)]
+    if check == "confident_margin":
+        margin = a.get("confident_margin", threshold)
+        reason = None if margin == threshold else f"agreement measured at margin {margin}, not {threshold}"
+        passed = a["confident_agreement"] == 1.0 and margin == threshold
+        return [record(f"{prefix}_confident_agreement", a["confident_agreement"], 1.0, passed, reason)]
+    if check == "mean_abs_logit_rel_max":
+        rel = a["mean_abs_logit_rel"]
+        return [record(f"{prefix}_mean_abs_logit_rel", rel, threshold, rel <= threshold)]
+    acc = report["accuracy"]
+    d = abs(acc[f"{runtime}_int8"] - acc[REFERENCE])
+    return [record(f"{prefix}_accuracy_delta", d, threshold, d <= threshold + EPS)]
+
+
+@gate("executorch_int8_delegated")
+def executorch_delegated(name: str, required: bool, report: dict) -> list[Check]:
+    """Every convolution in the XNNPACK delegate, and no quantize, dequantize, convolution or add outside it."""
+    d = report.get("executorch_delegation")
+    if not d:
+        return [record(name, None, required, False, "no ExecuTorch artifact in this export")]
+    outside = d["int8_ops_outside"]
+    reason = f"outside the delegate: {outside}" if outside else None
+    passed = d["delegated_convolutions"] == d["model_convs"] and not outside
+    return [record(name, d["delegated_convolutions"], d["model_convs"], passed, reason)]
+
+
+@gate("ort_int8_kernels")
+def ort_int8_kernels(name: str, required: bool, report: dict) -> list[Check]:
+    """Every convolution of the model runs as a QLinearConv in ONNX Runtime's optimized graph."""
+    k = report.get("ort_kernels")
+    if not k:
+        return [record(name, None, required, False, "no ONNX artifact in this export")]
+    convs = k["int8"].get("QLinearConv", 0)
+    reason = f"{k['float_convs']} convolutions left in float" if k["float_convs"] else None
+    return [record(name, convs, k["model_convs"], convs == k["model_convs"] and not k["float_convs"], reason)]
+
+
+@gate("int8_accuracy_drop_max")
+def int8_accuracy_drop(name: str, threshold: float, report: dict) -> list[Check]:
+    """Every int8 runtime, on every path, against the float model."""
+    acc = report["accuracy"]
+    if FLOAT not in acc:
+        return [record(name, None, threshold, False, NO_FLOAT)]
+    drops = {rt: acc[FLOAT] - acc[rt] for rt in int8_runtimes(report)}
+    return [record(f"int8_accuracy_drop[{rt}]", d, threshold, d <= threshold + EPS) for rt, d in drops.items()]
+
+
+@gate("class_drop_max")
+def class_drop(name: str, threshold: float, report: dict) -> list[Check]:
+    """Every int8 runtime against the float model on its worst class."""
+    if FLOAT not in report["accuracy"]:
+        return [record(name, None, threshold, False, NO_FLOAT)]
+    checks = []
+    for rt in int8_runtimes(report):
+        drops = np.subtract(report["per_class"][FLOAT], report["per_class"][rt])
+        worst = int(drops.argmax())
+        reason = f"class {report['classes'][worst]!r}" if drops[worst] > threshold + EPS else None
+        checks.append(record(f"class_drop[{rt}]", float(drops[worst]), threshold, drops[worst] <= threshold + EPS,
+                             reason))  # fmt: skip
+    return checks
+
+
+@gate("min_accuracy")
+def min_accuracy(name: str, threshold: float, report: dict) -> list[Check]:
+    acc = report["accuracy"]
+    return [
+        record(f"min_accuracy[{rt}]", acc[rt], threshold, acc[rt] >= threshold - EPS) for rt in int8_runtimes(report)
+    ]
 
 
 def _ratio_pair(gate: str, batches: list[int]) -> tuple[tuple[str, str, int], tuple[str, str, int], str]:
@@ -239,10 +302,8 @@ def _ratio_pair(gate: str, batches: list[int]) -> tuple[tuple[str, str, int], tu
     return (runtime, "int8", big), (runtime, "fp32", big), f"{prefix}_int8_vs_fp32_b{big}"
 
 
-_RATIOS = RATIO_GATES
-
-
-def _ratio_gate(add, gate: str, spec, report: dict) -> None:
+@gate(*RATIO_GATES)
+def latency_ratio(gate: str, spec, report: dict) -> list[Check]:
     """A latency ratio A/B: per thread count, the median over rounds of A/B measured in the same round.
     Passes when every thread count's ratio is at most max + margin (margin: what a busy machine may add)."""
     limit, margin = (spec["max"], spec.get("margin", 0.0)) if isinstance(spec, dict) else (spec, 0.0)
@@ -256,11 +317,10 @@ def _ratio_gate(add, gate: str, spec, report: dict) -> None:
             ratios[t] = statistics.median(x / y for x, y in zip(cells[(*a, t)], cells[(*b, t)], strict=True))
     if not ratios:
         missing = "no fp32 reference (the checkpoint records no float model)" if b[1] == "fp32" else f"no {b[0]} run"
-        add(name, None, limit, False, f"{missing} at batch {b[2]}")
-        return
+        return [record(name, None, limit, False, f"{missing} at batch {b[2]}")]
     worst = max(ratios, key=ratios.get)
-    add(name, ratios[worst], f"{limit} + {margin}", ratios[worst] <= limit + margin,
-        f"worst at {worst} thread(s)" if len(ratios) > 1 else None)  # fmt: skip
+    return [record(name, ratios[worst], f"{limit} + {margin}", ratios[worst] <= limit + margin,
+                   f"worst at {worst} thread(s)" if len(ratios) > 1 else None)]  # fmt: skip
 
 
 # --- measurement -----------------------------------------------------------------------------------
@@ -317,7 +377,7 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
         "accuracy": {k: float((v.argmax(1) == labels).mean()) for k, v in logits.items()},
         "per_class": {k: per_class_accuracy(v, labels, len(data.classes)) for k, v in logits.items()},
         "agreement": {
-            k.replace("_int8", ""): agreement(ref, v, gates.get("ort_confident_margin", 1.0))
+            k.replace("_int8", ""): agreement(ref, v, confident_margin(gates, k.replace("_int8", "")))
             for k, v in logits.items()
             if "_int8" in k and k != REFERENCE
         },  # fmt: skip

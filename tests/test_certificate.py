@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdq import checkpoint as ck
-from kdq import cpu
+from kdq import cpu, parity
 from kdq.artifacts import GATES, ExportError, Target, load_target
 from kdq.cpu import (
     CANARY_EXACT,
@@ -144,6 +144,26 @@ def test_target_files_name_only_known_gates(tmp_path):
     bad.write_text('backend = "qnnpack"\n' + SMOKE_TARGET.read_text())  # x86's paths, inherited
     with pytest.raises(ExportError, match="path avx2 is x86's"):
         load_target(bad)
+
+
+def test_every_gate_is_one_registered_function_and_a_value_is_never_ignored(tmp_path):
+    """Gates are small registered functions (kdq.parity), one per name in kdq.artifacts.GATES. A boolean gate
+    set to false, or a [latency] key with a typo, is refused rather than silently meaning something else; each
+    runtime's agreement uses its own confident margin."""
+    assert set(parity._REGISTRY) == set(GATES)
+    for text, message in (("[gates]\ntorchscript_identical = false", "is on when named"),
+                          ("[latency]\nround = 3", r"unknown \[latency\] keys \['round'\]")):  # fmt: skip
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f'extends = "x86"\n{text}\n')
+        with pytest.raises(ExportError, match=message):
+            load_target(bad)
+    gates = {"ort_confident_margin": 1.0, "executorch_confident_margin": 3.0}
+    assert [parity.confident_margin(gates, rt) for rt in ("onnxruntime@avx2", "executorch", "torchscript")] == [
+        1.0, 3.0, 1.0,
+    ]  # fmt: skip
+    measured_at_1 = report(agreement={"executorch": {**report()["agreement"]["onnxruntime"], "confident_margin": 1.0}})
+    (check,) = check_gates(measured_at_1, {"executorch_confident_margin": 3.0})
+    assert not check["passed"] and "margin 1.0, not 3.0" in check["reason"]
 
 
 def test_a_target_extends_another_and_replaces_its_tables_whole(tmp_path):

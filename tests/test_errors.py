@@ -404,6 +404,22 @@ def test_a_cpu_identity_kdq_cannot_take(ws, tmp_path, monkeypatch):
     )
 
 
+def test_a_target_file_that_says_what_kdq_would_not_do(ws, tmp_path):
+    """Row 43: a typo in [latency], a gate turned off by `false`, a circle of `extends`."""
+    ptq = ws / "run" / "baseline_ptq" / "checkpoint.pt"
+    target, base = tmp_path / "my.toml", tmp_path / "base.toml"
+    for text, message in (
+        ('extends = "x86"\n[latency]\nround = 3\n',
+         "unknown [latency] keys ['round']; choose from: batch_sizes, threads, rounds, warmup, runs"),
+        ('extends = "x86"\n[gates]\ntorchscript_identical = false\n',
+         "gate torchscript_identical is on when named (true); remove it to leave it out"),
+        ('extends = "base.toml"\n', "`extends` goes round in a circle (my.toml -> base.toml)"),
+    ):  # fmt: skip
+        target.write_text(text)
+        base.write_text('extends = "my.toml"\n')
+        fails(["export", ptq, "--target", target, "--out", tmp_path / "e"], f"{target}: {message}", tmp_path, ws)
+
+
 def test_export_of_a_float_checkpoint(ws, tmp_path):
     ckpt = ws / "run" / "baseline" / "checkpoint.pt"
     fails(
