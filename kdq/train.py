@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdq import checkpoint as ck
-from kdq.config import CHECKPOINT, Augment, Optim
+from kdq.config import CHECKPOINT, ONECYCLE_MOMENTUM_SWING, Augment, Optim
 from kdq.data import Dataset, Normalize, Split, augment
 from kdq.device_data import TrainImages
 from kdq.errors import KdqError
@@ -154,9 +154,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: Optim, steps_per_epo
     if optim.schedule == "onecycle":  # warm up over 25% of the steps (at least one), then anneal
         # 1cycle also cycles the momentum, lowest at the peak lr: around the recipe's momentum (±0.05; 0.9 gives
         # PyTorch's own 0.85..0.95), not around OneCycleLR's fixed defaults whatever Optim.momentum says
+        swing = ONECYCLE_MOMENTUM_SWING  # kdq.config.Optim keeps momentum +- swing within [0, 1)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=optim.lr, total_steps=total, pct_start=max(0.25, 1.5 / total),
-            base_momentum=optim.momentum - 0.05, max_momentum=optim.momentum + 0.05,
+            base_momentum=optim.momentum - swing, max_momentum=optim.momentum + swing,
         )  # fmt: skip
     if optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
