@@ -101,11 +101,6 @@ def has_vnni(flags: set[str] | None = None) -> bool:
     return set(int8_isa(flags).values()) == {"vnni"}
 
 
-def emulated_runtimes() -> tuple[str, ...]:
-    """The runtimes whose AVX2 path kdq takes on purpose here (forced for PyTorch, emulated for ONNX Runtime)."""
-    return tuple(rt for rt, isa in native_isa().items() if isa == "vnni" and int8_isa()[rt] == "avx2")
-
-
 def quantized_engine(backend: str) -> str:
     """The PyTorch quantized engine that runs a `backend` int8 model as kdq's CPU identity computes it. Under
     `KDQ_CPU=avx2`, x86 models run on fbgemm: where the x86 engine sends every convolution on a CPU without
