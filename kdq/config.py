@@ -8,11 +8,8 @@ so it is stored verbatim in every checkpoint and export manifest.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-from kdq.errors import KdqError
+from typing import TypeVar
 
 # The choices the CLI offers, here (not beside their code) so that `kdq --help` needs no torch import.
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "folder")
@@ -51,34 +48,7 @@ def qat_stage(flow: str, backend: str) -> str:
 
 BACKENDS = ("x86", "qnnpack", "xnnpack")
 CHECKPOINT = "checkpoint.pt"  # every stage writes RUN/<stage>/checkpoint.pt
-
-
-class RecipeError(KdqError):
-    """A recipe (file, preset name, or a CLI option changing one) that cannot be used."""
-
-
-# Allowed values, by field name (wherever the field sits): checked for recipe files with the key's dotted name
-# (kdq.presets), and by every recipe object however it was made (a file, a CLI option, code: `check_ranges`).
-_RULES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
-    (">= 1", lambda v: v >= 1, ("epochs", "batch_size", "calibration_batches")),
-    ("> 0", lambda v: v > 0, ("lr", "temperature", "student_width")),
-    (">= 0", lambda v: v >= 0, ("weight_decay", "patience", "crop_padding", "cutmix_alpha", "mixup_alpha",
-                                "train_subset")),
-    ("in [0, 1)", lambda v: 0 <= v < 1, ("momentum", "label_smoothing", "student_dropout", "val_fraction")),
-    ("in [0, 1]", lambda v: 0 <= v <= 1, ("alpha", "freeze_bn_after", "freeze_observers_after")),
-    ("in [2, 8]", lambda v: 2 <= v <= 8, ("activation_bits", "weight_bits")),
-    ("in [16, 1024]", lambda v: 16 <= v <= 1024, ("image_size",)),
-)  # fmt: skip
-RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {key: (text, ok) for text, ok, keys in _RULES for key in keys}
 ONECYCLE_MOMENTUM_SWING = 0.05  # 1cycle moves SGD momentum this much either side of Optim.momentum (kdq.train)
-
-
-def check_ranges(recipe: Any) -> None:
-    """Every field of a recipe object within its range (RANGES); None means "the default" and is not checked."""
-    for f in dataclasses.fields(recipe):
-        value = getattr(recipe, f.name)
-        if f.name in RANGES and value is not None and not RANGES[f.name][1](value):
-            raise RecipeError(f"{f.name}: {value!r} is out of range (must be {RANGES[f.name][0]})")
 
 
 @dataclass(frozen=True)
@@ -95,10 +65,10 @@ class Optim:
     patience: int = 0  # early stopping: epochs without a better validation accuracy; 0 = off
 
     def __post_init__(self):
-        check_ranges(self)
+        """However the recipe was made (a file, a CLI option, code): 1cycle must keep momentum within [0, 1)."""
         swing = ONECYCLE_MOMENTUM_SWING
         if self.schedule == "onecycle" and not swing <= self.momentum < 1 - swing:
-            raise RecipeError(
+            raise ValueError(
                 f"momentum: {self.momentum!r} with the onecycle schedule, which cycles it by ±{swing}, leaves [0, 1) "
                 f"(must be in [{swing}, {1 - swing}) for onecycle)"
             )
@@ -113,9 +83,6 @@ class Augment:
     cutmix_alpha: float = 0.0
     mixup_alpha: float = 0.0
 
-    def __post_init__(self):
-        check_ranges(self)
-
 
 @dataclass(frozen=True)
 class Quant:
@@ -129,9 +96,6 @@ class Quant:
     qat_optim: Optim = field(default_factory=lambda: Optim(epochs=5, lr=0.01, schedule="cosine"))
     freeze_bn_after: float = 0.6  # fraction of QAT epochs after which BN statistics are frozen
     freeze_observers_after: float = 0.8  # ... and after which quantization ranges stop moving
-
-    def __post_init__(self):
-        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -164,9 +128,6 @@ class Preset:
     # Train on a stratified subset of this many training images (fixed, drawn before the validation split);
     # 0 = all of them. For benchmarks that must fit a CPU budget; the test split is always whole.
     train_subset: int = 0
-
-    def __post_init__(self):
-        check_ranges(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,18 @@ from kdq.config import (
     FLOW_BACKENDS,
     FLOWS,
     KD_LOSSES,
-    RANGES,
     SCHEDULES,
     STUDENTS,
     TEACHERS,
     Preset,
-    RecipeError,
 )
+from kdq.errors import KdqError
 from kdq.tomlfile import read_toml, shipped_folder
+
+
+class RecipeError(KdqError):
+    """A recipe file or preset name that cannot be used."""
+
 
 RECIPES_DIR = shipped_folder("recipes", "recipes_toml")
 PRESET_NAMES = tuple(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
@@ -39,6 +44,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS, "teacher": TEACHERS + STUDENTS, "student": STUDENTS, "kd_loss": KD_LOSSES,
     "schedule": SCHEDULES, "flow": FLOWS, "backend": BACKENDS,
 }  # fmt: skip
+_RULES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
+    (">= 1", lambda v: v >= 1, ("epochs", "batch_size", "calibration_batches")),
+    ("> 0", lambda v: v > 0, ("lr", "temperature", "student_width")),
+    (">= 0", lambda v: v >= 0, ("weight_decay", "patience", "crop_padding", "cutmix_alpha", "mixup_alpha",
+                                "train_subset")),
+    ("in [0, 1)", lambda v: 0 <= v < 1, ("momentum", "label_smoothing", "student_dropout", "val_fraction")),
+    ("in [0, 1]", lambda v: 0 <= v <= 1, ("alpha", "freeze_bn_after", "freeze_observers_after")),
+    ("in [2, 8]", lambda v: 2 <= v <= 8, ("activation_bits", "weight_bits")),
+    ("in [16, 1024]", lambda v: 16 <= v <= 1024, ("image_size",)),
+)  # fmt: skip
+RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {key: (text, ok) for text, ok, keys in _RULES for key in keys}
 
 
 def get_preset(name: str) -> Preset:

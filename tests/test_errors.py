@@ -387,16 +387,15 @@ def test_existing_outputs_need_overwrite(ws, tmp_path):
 # --- export ------------------------------------------------------------------------------------------------------
 
 
-def test_a_cli_option_out_of_the_recipes_range(tmp_path):
-    """Row 44: CLI options are checked like recipe files; momentum 0.96 would cycle past 1 under onecycle."""
-    run = tmp_path / "run"
+@pytest.mark.parametrize("momentum", ["0.96", "0.0"])
+def test_momentum_the_onecycle_cycle_would_take_out_of_range(tmp_path, momentum):
+    """Row 44: 0.96 would cycle past 1 (training diverges), 0.0 below 0; a CLI option is checked like a file."""
     fails(
-        ["baseline", *SMOKE, "--momentum", "0.96", "--run-dir", run],
-        "momentum: 0.96 with the onecycle schedule, which cycles it by ±0.05, leaves [0, 1) (must be in [0.05, 0.95) "
-        "for onecycle)",
+        ["baseline", *SMOKE, "--momentum", momentum, "--run-dir", tmp_path / "run"],
+        f"momentum: {float(momentum)!r} with the onecycle schedule, which cycles it by ±0.05, leaves [0, 1) (must "
+        "be in [0.05, 0.95) for onecycle)",
         tmp_path,
     )
-    fails(["baseline", *SMOKE, "--lr", "0", "--run-dir", run], "lr: 0.0 is out of range (must be > 0)", tmp_path)
 
 
 def test_a_cpu_identity_kdq_cannot_take(ws, tmp_path, monkeypatch):
