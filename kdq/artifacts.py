@@ -27,26 +27,39 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # Every gate a target may name, and what it checks (kdq.parity.check_gates evaluates each one named).
 GATES = {
     "torchscript_identical": "TorchScript int8 logits equal PyTorch int8 logits bit for bit",
-    "ort_top1_agreement_min": "ONNX Runtime int8 top-1 agrees with PyTorch int8 on at least this fraction",
-    "ort_confident_margin": "... and on 100% of samples whose top-2 logit margin exceeds this",
+    "ort_flip_rate_max": "ONNX Runtime int8's top-1 differs from PyTorch int8's on at most this fraction of the test "
+    "images (95% interval)",
+    "ort_confident_margin": "not a gate: the top-2 logit margin, in standard deviations of PyTorch int8's logits, "
+    "above which a flip counts as confident (default 0.5)",
+    "ort_confident_flip_rate_max": "... and on at most this fraction of the images whose margin exceeds that",
     "ort_mean_abs_logit_rel_max": "mean |ORT int8 - PyTorch int8| logit difference, in units of the standard "
     "deviation of PyTorch's int8 logits (a model's logit scale varies: KD temperature, training), at most this",
-    "ort_accuracy_delta_max": "|ORT int8 accuracy - PyTorch int8 accuracy| at most this",
+    "ort_accuracy_delta_max": "ORT int8 and PyTorch int8 accuracies differ by at most this, either way (paired 95% "
+    "interval; exact McNemar p recorded)",
     "ort_int8_kernels": "every convolution of the model runs as an int8 kernel (QLinearConv) in ONNX Runtime",
     "pt2_identical": "torch.export (.pt2) int8 logits equal PyTorch int8 logits bit for bit",
-    "executorch_top1_agreement_min": "ExecuTorch int8 top-1 agrees with PyTorch int8 on at least this fraction",
-    "executorch_confident_margin": "... and on 100% of samples whose top-2 logit margin exceeds this",
+    "executorch_flip_rate_max": "ExecuTorch int8's top-1 differs from PyTorch int8's on at most this fraction",
+    "executorch_confident_margin": "not a gate: ExecuTorch's confident margin, in logit stds (default 0.5)",
+    "executorch_confident_flip_rate_max": "... and on at most this fraction of the images whose margin exceeds that",
     "executorch_mean_abs_logit_rel_max": "mean |ExecuTorch int8 - PyTorch int8| logit difference / std, at most this",
-    "executorch_accuracy_delta_max": "|ExecuTorch int8 accuracy - PyTorch int8 accuracy| at most this",
+    "executorch_accuracy_delta_max": "ExecuTorch int8 and PyTorch int8 accuracies differ by at most this, either way",
     "executorch_int8_delegated": "every convolution runs in the XNNPACK delegate, and no quantize, dequantize, "
     "convolution or add is left outside it",
     "executorch_int8_max_ratio_vs_fp32": "ExecuTorch int8 / ExecuTorch fp32 latency at the largest batch, per thread "
     "count",
-    "int8_accuracy_drop_max": "every int8 runtime, on every path, loses at most this accuracy vs the float model",
-    "class_drop_max": "... and at most this on any single class",
-    "min_accuracy": "every int8 runtime, on every path, reaches at least this accuracy",
+    "int8_accuracy_drop_max": "every int8 runtime, on every path, loses at most this accuracy vs the float model it "
+    "replaces, and vs a QAT model's own float forward (the int8 arithmetic's cost); upper bound of the paired 95% "
+    "interval",
+    "class_drop_max": "... and at most this on every class (Holm-corrected over the classes)",
+    "min_accuracy": "every int8 runtime, on every path, reaches at least this accuracy (lower bound of its 95% "
+    "interval)",
     "ort_b1_max_ratio_vs_torchscript": "ORT int8 / TorchScript int8 latency at batch 1, per thread count",
     "ort_int8_max_ratio_vs_fp32": "ORT int8 / ORT fp32 latency at the largest batch, per thread count",
+}
+RENAMED_GATES = {  # gates of targets written before the certificate's statistics (kdq.stats)
+    f"{rt}_top1_agreement_min": f"{rt}_flip_rate_max (= 1 - the agreement; the confident margin is now in logit "
+    f"standard deviations, and confident flips are bounded by {rt}_confident_flip_rate_max)"
+    for rt in ("ort", "executorch")
 }
 RATIO_GATES = (
     "ort_b1_max_ratio_vs_torchscript",
@@ -55,6 +68,9 @@ RATIO_GATES = (
 )  # value: {max, margin} or a number
 BOOLEAN_GATES = ("torchscript_identical", "pt2_identical", "ort_int8_kernels", "executorch_int8_delegated")
 LATENCY_KEYS = ("batch_sizes", "threads", "rounds", "warmup", "runs")  # [latency] of a target (kdq.parity)
+# A certificate's verdict: every gate passed; some gate failed; none failed but some could not be proven on this
+# many test images (kdq.stats). Only a rejected export is refused (kept as OUT.rejected).
+CERTIFIED, NOT_PROVEN, REJECTED = "certified", "not proven", "rejected"
 PATHS = ("avx2", "exact")  # extra int8 arithmetic paths a target may certify (kdq.cpu, kdq.parity)
 
 
@@ -115,6 +131,10 @@ def load_target(name_or_path: str | Path) -> Target:
     unknown = set(data) - {f for f in Target.__dataclass_fields__ if f != "name"}
     if unknown:
         raise ExportError(f"{path}: unknown keys {sorted(unknown)}")
+    renamed = {g: RENAMED_GATES[g] for g in data.get("gates", {}) if g in RENAMED_GATES}
+    if renamed:
+        raise ExportError(f"{path}: gates renamed when they became statistical: " +
+                          "; ".join(f"{old} -> {new}" for old, new in renamed.items()))  # fmt: skip
     for key, known in (("formats", ARTIFACTS), ("gates", GATES), ("paths", PATHS)):
         bad = set(data.get(key, [])) - set(known)
         if bad:

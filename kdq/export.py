@@ -2,8 +2,9 @@
 manifest, and a parity certificate.
 
 The export target (backend, opset, formats, parity gates, latency grid) is data: `export/<name>.toml`.
-Artifacts are built in a staging folder beside the output and renamed into place only when every gate
-passes (or `verify=False`); a rejected export is kept as `<out>.rejected` for inspection.
+Artifacts are built in a staging folder beside the output and renamed into place unless a gate fails (a
+certificate that is only "not proven" lands, and says so in its manifest); a rejected export is kept as
+`<out>.rejected` for inspection.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from kdq import checkpoint as ck
 from kdq import pt2e_export
 from kdq.artifacts import (
     ARTIFACTS,
+    CERTIFIED,
     INPUT_NAME,
     MANIFEST,
+    NOT_PROVEN,
     OUTPUT_NAME,
     PARITY_JSON,
     PARITY_MD,
+    REJECTED,
     ExportError,
     Target,
     sha256,
@@ -191,11 +195,11 @@ def export(
         report: dict = {}
         if verify:
             report = _certify(ckpt, checkpoint, staging, target, data_dir, latency_runs)
-        if report and not report["passed"]:
+        if report and report["verdict"] == REJECTED:
             rejected = out.with_name(out.name + ".rejected")
             shutil.rmtree(rejected, ignore_errors=True)
             staging.rename(rejected)
-            failed = [c["name"] for c in report["checks"] if not c["passed"]]
+            failed = [c["name"] for c in report["checks"] if c["verdict"] == "fail"]
             raise ExportError(f"parity gates failed: {', '.join(failed)} (export kept in {rejected})")
         _replace_dir(staging, out)
         return report
@@ -215,7 +219,7 @@ def existing_certificate(out: Path, checkpoint: Path, target: Target) -> dict | 
         return None
     same_source = manifest.get("source", {}).get("sha256") == sha256(Path(checkpoint))
     same_target = manifest.get("target", {}).get("name") == target.name
-    return report if same_source and same_target and report.get("passed") else None
+    return report if same_source and same_target and report.get("verdict") in (CERTIFIED, NOT_PROVEN) else None
 
 
 def _replace_dir(new: Path, out: Path) -> None:
@@ -268,7 +272,8 @@ def _certify(ckpt: dict, checkpoint: Path, folder: Path, target: Target, data_di
     report = json.loads((folder / PARITY_JSON).read_text())
     save_text(format_report(report), folder / PARITY_MD)
     manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["certificate"] = {"passed": report["passed"], "file": PARITY_JSON, "measured_on": report["where"],
-                               "paths": report["paths"], "path_runs": report["path_runs"]}  # fmt: skip
+    manifest["certificate"] = {"passed": report["passed"], "verdict": report["verdict"], "file": PARITY_JSON,
+                               "measured_on": report["where"], "paths": report["paths"],
+                               "path_runs": report["path_runs"]}  # fmt: skip
     save_json(manifest, folder / MANIFEST)
     return report

@@ -27,7 +27,8 @@ import torch
 
 from kdq import checkpoint as ck
 from kdq import pt2e, pt2e_export
-from kdq.artifacts import ARTIFACTS, RATIO_GATES, ExportError, sha256, verify_artifacts
+from kdq.artifacts import ARTIFACTS, CERTIFIED, RATIO_GATES, REJECTED, ExportError, sha256, verify_artifacts
+from kdq.artifacts import NOT_PROVEN as UNPROVEN
 from kdq.config import Preset
 from kdq.cpu import (
     AVX2_ENV,
@@ -48,17 +49,32 @@ from kdq.data import Normalize, load_test_split
 from kdq.evaluate import median_ms
 from kdq.files import save_json
 from kdq.int8run import logits_in_child, ort_session
-from kdq.quant import QUANTIZATION, float_reference, get_flow, int8_model
+from kdq.quant import QUANTIZATION, float_reference, get_flow, int8_model, qat_float_forward
+from kdq.stats import (
+    FAIL,
+    NOT_PROVEN,
+    PASS,
+    Paired,
+    Result,
+    classes_within,
+    difference_within,
+    drop_interval,
+    drop_within,
+    proportion_at_least,
+    rate_interval,
+    rate_within,
+)
 
 Runner = Callable[[np.ndarray], np.ndarray]
 REFERENCE = "pytorch_int8"  # what the other int8 runtimes are compared with
-FLOAT = "pytorch_fp32"  # the float model the int8 one came from
-EPS = 1e-9  # accuracies are fractions k/N: 0.9 - 0.895 must not exceed 0.005 by a rounding error
+FLOAT = "pytorch_fp32"  # the float model the int8 one came from (the model the int8 one replaces)
+QAT_FLOAT = "pytorch_qat_fp32"  # the QAT model's own float forward, fake-quant off: int8 vs it = the arithmetic's cost
+VERDICTS = {PASS: CERTIFIED, NOT_PROVEN: UNPROVEN, FAIL: REJECTED}  # the gates' verdicts -> the certificate's
 FLOAT_CONVS = ("Conv", "FusedConv", "NhwcFusedConv")  # ORT op types of a convolution left in float
 AGREEMENT_GATES = {"ort": "onnxruntime", "executorch": "executorch"}  # gate prefix -> runtime compared with PyTorch
 ARTIFACT_NAMES = {"torchscript": "TorchScript", "pt2": "torch.export (.pt2)", "onnxruntime": "ONNX",
                   "executorch": "ExecuTorch"}  # fmt: skip
-AGREEMENT_CHECKS = ("top1_agreement_min", "confident_margin", "mean_abs_logit_rel_max", "accuracy_delta_max")
+AGREEMENT_CHECKS = ("flip_rate_max", "confident_flip_rate_max", "mean_abs_logit_rel_max", "accuracy_delta_max")
 
 
 def load_torchscript(path: Path):
@@ -129,27 +145,52 @@ def batched(run: Runner, x: np.ndarray, batch: int = 256) -> np.ndarray:
 
 
 def confident_margin(gates: dict, runtime: str) -> float:
-    """The top-2 logit margin above which `runtime` must agree with PyTorch int8: its own gate's (for ONNX
-    Runtime `ort_confident_margin`, for ExecuTorch `executorch_confident_margin`), else 1.0."""
+    """The top-2 logit margin, in standard deviations of PyTorch int8's logits, above which a flip of `runtime`
+    against PyTorch int8 counts as confident: its own gate's (for ONNX Runtime `ort_confident_margin`, for
+    ExecuTorch `executorch_confident_margin`), else 0.5."""
     prefix = {rt: p for p, rt in AGREEMENT_GATES.items()}.get(runtime.partition("@")[0])
-    return gates.get(f"{prefix}_confident_margin", 1.0)
+    return gates.get(f"{prefix}_confident_margin", 0.5)
 
 
 def agreement(ref: np.ndarray, other: np.ndarray, margin: float) -> dict:
+    """How `other`'s logits follow the reference's: top-1 flips (all, and where the reference's top-2 margin
+    exceeds `margin` logit stds: a confident flip is no rounding tie), and logit differences."""
     top2 = np.sort(ref, axis=1)[:, -2:]
-    confident = (top2[:, 1] - top2[:, 0]) > margin
-    same = ref.argmax(1) == other.argmax(1)
-    diff = np.abs(ref - other)
     scale = float(ref.std()) or 1.0
+    confident = (top2[:, 1] - top2[:, 0]) > margin * scale
+    flipped = ref.argmax(1) != other.argmax(1)
+    diff = np.abs(ref - other)
     return {
-        "top1_agreement": float(same.mean()),
-        "confident_agreement": float(same[confident].mean()) if confident.any() else 1.0,
+        "n": len(ref),
+        "flips": int(flipped.sum()),
+        "top1_agreement": float(1 - flipped.mean()),
         "confident_samples": int(confident.sum()),
-        "confident_margin": margin,
+        "confident_flips": int((flipped & confident).sum()),
+        "confident_margin": margin,  # in logit stds
+        "confident_margin_logits": margin * scale,
         "max_abs_logit_diff": float(diff.max()),
         "mean_abs_logit_diff": float(diff.mean()),
         "mean_abs_logit_rel": float(diff.mean()) / scale,  # in units of the reference logits' std
         "identical": bool(np.array_equal(ref, other)),
+    }
+
+
+def paired_counts(correct: dict[str, np.ndarray], labels: np.ndarray, classes: int) -> dict[str, dict]:
+    """The paired outcomes the accuracy gates test (`kdq.stats`), as "CANDIDATE vs REFERENCE": b (reference right,
+    candidate wrong), c (the reverse), n, overall and per class. Every int8 run against the float model it
+    replaces and against the QAT model's own float forward; every other int8 runtime against PyTorch int8."""
+    pairs = [(k, ref) for ref in (FLOAT, QAT_FLOAT) if ref in correct for k in correct if "_int8" in k]
+    pairs += [(k, REFERENCE) for k in correct if "_int8" in k and k != REFERENCE]
+
+    def counts(ref_ok: np.ndarray, cand_ok: np.ndarray) -> dict:
+        return vars(Paired.of(ref_ok, cand_ok)).copy()
+
+    return {
+        f"{cand} vs {ref}": {
+            **counts(correct[ref], correct[cand]),
+            "per_class": [counts(correct[ref][labels == c], correct[cand][labels == c]) for c in range(classes)],
+        }
+        for cand, ref in pairs
     }
 
 
@@ -182,13 +223,26 @@ def gate(*names: str) -> Callable[[Gate], Gate]:
     return register
 
 
-def record(name: str, value, threshold, passed, reason: str | None = None) -> Check:
-    return {"name": name, "value": value, "threshold": threshold, "passed": bool(passed), "reason": reason}
+def record(name: str, value, threshold, passed, reason: str | None = None, stats: Result | None = None) -> Check:
+    """A gate's record. A statistical gate (`stats`) also records its 95% interval, N, p-value, verdict (pass,
+    not proven, fail: `kdq.stats`) and, when not proven, the test images that would prove it."""
+    verdict = stats.verdict if stats else PASS if passed else FAIL
+    out = {"name": name, "value": value, "threshold": threshold, "passed": verdict == PASS, "verdict": verdict,
+           "reason": reason}  # fmt: skip
+    if stats:
+        out |= {"ci": list(stats.ci), "n": stats.n, "p": stats.p, "images_needed": stats.images_needed}
+        if stats.mcnemar_p is not None:
+            out["mcnemar_p"] = stats.mcnemar_p
+    return out
+
+
+def stat_record(name: str, result: Result, reason: str | None = None) -> Check:
+    return record(name, result.value, result.bound, None, reason, result)
 
 
 def check_gates(report: dict, gates: dict) -> list[Check]:
     """One record per gate the target names (per runtime for the accuracy gates): name, value, threshold,
-    passed, and the reason when its inputs are missing (then it fails: no gate is skipped)."""
+    verdict, and the reason when its inputs are missing (then it fails: no gate is skipped)."""
     checks: list[Check] = []
     for name, threshold in gates.items():
         check = _REGISTRY.get(name)
@@ -199,8 +253,27 @@ def check_gates(report: dict, gates: dict) -> list[Check]:
     return checks
 
 
+def certificate_verdict(checks: list[Check]) -> str:
+    """certified (every gate passed), rejected (some gate failed), or not proven (none failed, some could not be
+    proven on this many test images)."""
+    verdicts = {c["verdict"] for c in checks}
+    return VERDICTS[FAIL if FAIL in verdicts else NOT_PROVEN if NOT_PROVEN in verdicts else PASS]
+
+
 def int8_runtimes(report: dict) -> list[str]:
     return [k for k in report["accuracy"] if "_int8" in k]
+
+
+def paired(report: dict, candidate: str, reference: str) -> Paired:
+    counts = report["paired"][f"{candidate} vs {reference}"]
+    return Paired(counts["b"], counts["c"], counts["n"])
+
+
+def float_references(report: dict) -> list[tuple[str, str, str]]:
+    """(overall record, per-class record, reference) of the int8-vs-float gates: against the float model the int8
+    one replaces, and for a QAT model against its own float forward too (what int8 arithmetic alone costs)."""
+    refs = [("int8_accuracy_drop", "class_drop", FLOAT), ("int8_arithmetic_drop", "class_arithmetic_drop", QAT_FLOAT)]
+    return [ref for ref in refs if ref[2] in report["accuracy"]]
 
 
 @gate("torchscript_identical", "pt2_identical")
@@ -213,28 +286,34 @@ def identical(name: str, required: bool, report: dict) -> list[Check]:
     return [record(name, same["max_abs_logit_diff"], 0.0, same["identical"])]
 
 
+@gate(*(f"{prefix}_confident_margin" for prefix in AGREEMENT_GATES))
+def confident_margin_parameter(name: str, margin: float, report: dict) -> list[Check]:
+    """Not a gate: the margin `{prefix}_confident_flip_rate_max` counts confident flips above."""
+    return []
+
+
 @gate(*(f"{prefix}_{check}" for prefix in AGREEMENT_GATES for check in AGREEMENT_CHECKS))
 def runtime_agreement(name: str, threshold: float, report: dict) -> list[Check]:
-    """ONNX Runtime or ExecuTorch int8 against PyTorch int8: top-1 agreement, agreement where PyTorch's top-2
-    margin exceeds the runtime's own confident margin, mean logit difference, accuracy difference."""
+    """ONNX Runtime or ExecuTorch int8 against PyTorch int8 on the same images: the rate of top-1 flips, the rate
+    of confident flips (PyTorch's top-2 margin above the runtime's confident margin, in logit stds), the mean
+    logit difference, and the accuracy difference (paired; exact McNemar p recorded)."""
     prefix, _, check = name.partition("_")
     runtime = AGREEMENT_GATES[prefix]
     a = report["agreement"].get(runtime)
     if a is None:
         return [record(name, None, threshold, False, f"no {ARTIFACT_NAMES[runtime]} artifact in this export")]
-    if check == "top1_agreement_min":
-        return [record(f"{prefix}_top1_agreement", a["top1_agreement"], threshold, a["top1_agreement"] >= threshold)]
-    if check == "confident_margin":
-        margin = a.get("confident_margin", threshold)
-        reason = None if margin == threshold else f"agreement measured at margin {margin}, not {threshold}"
-        passed = a["confident_agreement"] == 1.0 and margin == threshold
-        return [record(f"{prefix}_confident_agreement", a["confident_agreement"], 1.0, passed, reason)]
+    if check == "flip_rate_max":
+        return [stat_record(f"{prefix}_flip_rate", rate_within(a["flips"], a["n"], threshold))]
+    if check == "confident_flip_rate_max":
+        result = rate_within(a["confident_flips"], a["confident_samples"], threshold)
+        margin = f"top-2 margin > {a['confident_margin']} logit stds ({a['confident_margin_logits']:.2f} logits)"
+        reason = f"no image with a {margin}" if not a["confident_samples"] else margin
+        return [stat_record(f"{prefix}_confident_flip_rate", result, reason)]
     if check == "mean_abs_logit_rel_max":
         rel = a["mean_abs_logit_rel"]
         return [record(f"{prefix}_mean_abs_logit_rel", rel, threshold, rel <= threshold)]
-    acc = report["accuracy"]
-    d = abs(acc[f"{runtime}_int8"] - acc[REFERENCE])
-    return [record(f"{prefix}_accuracy_delta", d, threshold, d <= threshold + EPS)]
+    result = difference_within(paired(report, f"{runtime}_int8", REFERENCE), threshold)
+    return [stat_record(f"{prefix}_accuracy_delta", result)]
 
 
 @gate("executorch_int8_delegated")
@@ -262,35 +341,42 @@ def ort_int8_kernels(name: str, required: bool, report: dict) -> list[Check]:
 
 @gate("int8_accuracy_drop_max")
 def int8_accuracy_drop(name: str, threshold: float, report: dict) -> list[Check]:
-    """Every int8 runtime, on every path, against the float model."""
-    acc = report["accuracy"]
-    if FLOAT not in acc:
+    """Every int8 runtime, on every path, loses at most `threshold` accuracy against the float model it replaces
+    (and, for a QAT model, against its own float forward: the cost of the int8 arithmetic alone); proven by the
+    95% interval of the paired drop."""
+    refs = float_references(report)
+    if not refs:
         return [record(name, None, threshold, False, NO_FLOAT)]
-    drops = {rt: acc[FLOAT] - acc[rt] for rt in int8_runtimes(report)}
-    return [record(f"int8_accuracy_drop[{rt}]", d, threshold, d <= threshold + EPS) for rt, d in drops.items()]
+    return [stat_record(f"{prefix}[{rt}]", drop_within(paired(report, rt, ref), threshold))
+            for prefix, _, ref in refs for rt in int8_runtimes(report)]  # fmt: skip
 
 
 @gate("class_drop_max")
 def class_drop(name: str, threshold: float, report: dict) -> list[Check]:
-    """Every int8 runtime against the float model on its worst class."""
-    if FLOAT not in report["accuracy"]:
+    """Every int8 runtime loses at most `threshold` on every class, against each float reference; Holm-corrected
+    over the classes, so the threshold means the same at 36 images a class as at 1,000 (only the proof needs more)."""
+    refs = float_references(report)
+    if not refs:
         return [record(name, None, threshold, False, NO_FLOAT)]
     checks = []
-    for rt in int8_runtimes(report):
-        drops = np.subtract(report["per_class"][FLOAT], report["per_class"][rt])
-        worst = int(drops.argmax())
-        reason = f"class {report['classes'][worst]!r}" if drops[worst] > threshold + EPS else None
-        checks.append(record(f"class_drop[{rt}]", float(drops[worst]), threshold, drops[worst] <= threshold + EPS,
-                             reason))  # fmt: skip
+    for _, prefix, ref in refs:
+        for rt in int8_runtimes(report):
+            per_class = [Paired(d["b"], d["c"], d["n"]) for d in report["paired"][f"{rt} vs {ref}"]["per_class"]]
+            verdict, cls, holm_p = classes_within(per_class, threshold)
+            worst = per_class[cls]
+            lo, hi = drop_interval(worst)
+            result = Result(worst.drop, (lo, hi), threshold, worst.n, holm_p[cls], verdict)
+            reason = f"class {report['classes'][cls]!r} (Holm over {len(per_class)} classes)"
+            checks.append(stat_record(f"{prefix}[{rt}]", result, reason))
     return checks
 
 
 @gate("min_accuracy")
 def min_accuracy(name: str, threshold: float, report: dict) -> list[Check]:
-    acc = report["accuracy"]
-    return [
-        record(f"min_accuracy[{rt}]", acc[rt], threshold, acc[rt] >= threshold - EPS) for rt in int8_runtimes(report)
-    ]
+    """Every int8 runtime, on every path, reaches at least `threshold` accuracy (95% Wilson interval)."""
+    n, acc = report["test_samples"], report["accuracy"]
+    return [stat_record(f"min_accuracy[{rt}]", proportion_at_least(round(acc[rt] * n), n, threshold))
+            for rt in int8_runtimes(report)]  # fmt: skip
 
 
 def _ratio_pair(gate: str, batches: list[int]) -> tuple[tuple[str, str, int], tuple[str, str, int], str]:
@@ -370,11 +456,16 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     if onnx and paths.ort_launcher:  # KDQ_CPU=avx2 on a VNNI CPU: accuracy on the emulated AVX2 CPU
         logits["onnxruntime_int8"] = paths.ort_logits(ort_config, paths.ort_launcher)
     runs = paths.run(target.get("paths", []), logits, pytorch_int8)
+    qat_fp32 = qat_float_forward(ckpt)
+    if qat_fp32 is not None:
+        logits[QAT_FLOAT] = batched(torch_runner(qat_fp32), x)
     ref = logits[REFERENCE]
+    correct = {k: v.argmax(1) == labels for k, v in logits.items()}
     report: dict = {
         "test_samples": len(labels),
         "classes": data.classes,
-        "accuracy": {k: float((v.argmax(1) == labels).mean()) for k, v in logits.items()},
+        "accuracy": {k: float(ok.mean()) for k, ok in correct.items()},
+        "paired": paired_counts(correct, labels, len(data.classes)),
         "per_class": {k: per_class_accuracy(v, labels, len(data.classes)) for k, v in logits.items()},
         "agreement": {
             k.replace("_int8", ""): agreement(ref, v, confident_margin(gates, k.replace("_int8", "")))
@@ -397,7 +488,8 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     report["speedup_int8_vs_fp32"] = _speedups(report["latency"])
     report["where"] = environment({"torch": torch.get_num_threads(), "latency_grid": grid.get("threads", [1])})
     report["checks"] = check_gates(report, gates)
-    report["passed"] = all(c["passed"] for c in report["checks"])
+    report["verdict"] = certificate_verdict(report["checks"])
+    report["passed"] = report["verdict"] == VERDICTS[PASS]
     return report
 
 
@@ -546,20 +638,22 @@ def format_report(report: dict) -> str:
     if report.get("onnxruntime_config"):
         entries = ", ".join(f"{k}={v}" for k, v in report["onnxruntime_config"].items())
         lines.append(f"- ONNX Runtime session config (every consumer sets it, see the manifest): {entries}")
-    lines += ["", "| runtime | accuracy | worst class vs float |", "|---|---|---|"]
-    per_class, classes = report.get("per_class", {}), report.get("classes", [])
+    lines += ["", "| runtime | accuracy | 95% CI (Wilson) | worst class vs float |", "|---|---|---|---|"]
+    per_class, classes, n = report.get("per_class", {}), report.get("classes", []), report["test_samples"]
     for k, v in report["accuracy"].items():
+        lo, hi = rate_interval(round(v * n), n)
         worst = ""
         if FLOAT in per_class and k != FLOAT and k in per_class:
             drops = np.subtract(per_class[FLOAT], per_class[k])
             worst = f"{classes[int(drops.argmax())]}: {-drops.max():+.1%}"
-        lines.append(f"| {k} | {v:.2%} | {worst} |")
-    lines += ["", "| vs PyTorch int8 | top-1 agreement | confident agreement | max abs Δlogit | mean abs Δlogit "
+        lines.append(f"| {k} | {v:.2%} | {lo:.2%} – {hi:.2%} | {worst} |")
+    lines += ["", "| vs PyTorch int8 | top-1 flips | confident flips | max abs Δlogit | mean abs Δlogit "
               "| mean abs Δlogit / std |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r, a in report["agreement"].items():
         lines.append(
-            f"| {r} | {a['top1_agreement']:.2%} | {a['confident_agreement']:.2%} ({a['confident_samples']}) "
-            f"| {a['max_abs_logit_diff']:.4f} | {a['mean_abs_logit_diff']:.4f} | {a['mean_abs_logit_rel']:.4f} |"
+            f"| {r} | {a['flips']} of {a['n']} ({1 - a['top1_agreement']:.2%}) | {a['confident_flips']} of "
+            f"{a['confident_samples']} (margin > {a['confident_margin']} std) | {a['max_abs_logit_diff']:.4f} "
+            f"| {a['mean_abs_logit_diff']:.4f} | {a['mean_abs_logit_rel']:.4f} |"
         )
     lines += ["", "| runtime | precision | batch | threads | median ms (of rounds) |", "|---|---|---|---|---|"]
     lines += [f"| {r['runtime']} | {r['precision']} | {r['batch']} | {r['threads']} | {r['ms']:.3f} |"
@@ -574,13 +668,43 @@ def format_report(report: dict) -> str:
         listed = ", ".join(f"{k}×{v}" for k, v in kernels["int8"].items()) or "none"
         lines += ["", f"ONNX Runtime int8 kernels: {listed} ({kernels['model_convs']} convolutions in the model, "
                       f"{kernels['float_convs']} left in float)"]  # fmt: skip
-    lines += ["", "| gate | value | threshold | | note |", "|---|---|---|---|---|"]
-    for c in report["checks"]:
-        value = "—" if c["value"] is None else f"{c['value']:.4g}"
-        verdict = "✓" if c["passed"] else "✗ FAILED"
-        lines.append(f"| {c['name']} | {value} | {c['threshold']} | {verdict} | {c.get('reason') or ''} |")
-    lines += ["", f"**{'PASSED' if report['passed'] else 'FAILED'}**", ""]
+    lines += ["", *format_gates(report["checks"]), "", f"**{certificate_headline(report)}**", ""]
     return "\n".join(lines)
+
+
+SYMBOLS = {PASS: "✓", NOT_PROVEN: "? not proven", FAIL: "✗ FAILED"}
+
+
+def format_gates(checks: list[Check]) -> list[str]:
+    """The gate table: value, 95% interval, bound, N and p-value of every statistical gate (`kdq.stats`)."""
+    lines = ["| gate | value | 95% CI | bound | N | p | | note |", "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        value = "—" if c["value"] is None else f"{c['value']:.4g}"
+        ci = f"[{c['ci'][0]:.4g}, {c['ci'][1]:.4g}]" if "ci" in c else ""
+        n, p = (str(c["n"]), f"{c['p']:.2g}") if "n" in c else ("", "")
+        note = c.get("reason") or ""
+        if c.get("images_needed"):
+            note = f"{note}; N ~{c['images_needed']:,} would prove it".lstrip("; ")
+        lines.append(f"| {c['name']} | {value} | {ci} | {c['threshold']} | {n} | {p} | "
+                     f"{SYMBOLS[c.get('verdict', PASS if c['passed'] else FAIL)]} | {note} |")  # fmt: skip
+    return lines
+
+
+def certificate_headline(report: dict) -> str:
+    """One line: the verdict, and what a not-proven certificate would need."""
+    verdict = report.get("verdict", VERDICTS[PASS] if report["passed"] else VERDICTS[FAIL])
+    line = verdict.upper()
+    if verdict == VERDICTS[NOT_PROVEN]:
+        worst: dict[str, Check] = {}  # per gate, the record that needs the most images
+        for c in report["checks"]:
+            if c.get("verdict") == NOT_PROVEN:
+                name = c["name"].split("[")[0]
+                if name not in worst or (c.get("images_needed") or 0) > (worst[name].get("images_needed") or 0):
+                    worst[name] = c
+        parts = [f"{name} (N = {c['n']:,}" + (f"; ~{c['images_needed']:,} would prove it)" if c.get("images_needed")
+                 else ")") for name, c in worst.items()]  # fmt: skip
+        line += f": no gate failed, but {report['test_samples']:,} test images cannot prove " + ", ".join(parts)
+    return line
 
 
 @click.command()

@@ -79,7 +79,7 @@ def run_pipeline(
             latency_runs=export_latency_runs,
         )
     click.echo(format_report(report))
-    click.echo(f"certified int8 export -> {out}")
+    click.echo(f"{report['verdict']} int8 export -> {out}")
     md, page = write_report(run_dir)
     click.echo(f"report -> {md} (self-contained: {page})")
     print(f"[pipeline] {preset.name} done in {time.perf_counter() - t0:.0f}s -> {run_dir}", file=sys.stderr)

@@ -234,6 +234,21 @@ def prepared_from_checkpoint(ckpt: dict[str, Any], path: Any = "checkpoint") -> 
     return prepared.eval()
 
 
+def qat_float_forward(ckpt: dict[str, Any]) -> nn.Module | None:
+    """A QAT checkpoint's own float forward: its trained model with every fake-quant and observer off. int8 against
+    it is what the int8 arithmetic itself costs; against `float_reference`, what QAT training and int8 changed
+    together (fine-tuning moves decision boundaries). None for a PTQ checkpoint: its float forward is the float
+    model's."""
+    if ckpt[QUANTIZATION]["mode"] != "qat":
+        return None
+    model = prepared_from_checkpoint(ckpt)
+    for module in model.modules():  # torch.ao's and torchao's fake-quant modules both have these switches
+        for switch in ("disable_fake_quant", "disable_observer"):
+            if callable(getattr(module, switch, None)):
+                getattr(module, switch)()
+    return model
+
+
 def checkpoint_scheme(ckpt: dict[str, Any]) -> Scheme:
     """The scheme a quantized checkpoint was made with (checkpoints from before schemes used 8/8 bits)."""
     return Scheme(**ckpt[QUANTIZATION].get("scheme", {}))

@@ -137,7 +137,7 @@ def test_pipeline_on_fashion_mnist_offline(tmp_path):
     # The smoke target without the emulated AVX2 path (minutes on 10k images), and with the per-class and agreement
     # gates opened: a model trained for seconds on 540 images has near-tied logits everywhere (measured: one class
     # 70 pt below float, 94.6% agreement); the gates themselves are tested on the digits.
-    target = smoke_target("x86", tmp_path, paths=["exact"], class_drop_max=1.0, ort_top1_agreement_min=0.8)
+    target = smoke_target("x86", tmp_path, paths=["exact"], class_drop_max=1.0, ort_flip_rate_max=0.2)
     run = tmp_path / "run"
     args = ["pipeline", "--preset", "smoke", "--dataset", "fashion-mnist", "--train-subset", "600", "--run-dir", run,
             "--data-dir", tmp_path / "empty", "--device", "cpu", "--latency-runs", "3", "--target", target]  # fmt: skip

@@ -67,7 +67,7 @@ def check_against_pytorch(logits: np.ndarray, reference: dict, gates: dict) -> N
     logits within the mean tolerance."""
     ref = reference["torch"]
     top2 = np.sort(ref, axis=1)[:, -2:]
-    confident = (top2[:, 1] - top2[:, 0]) > gates["ort_confident_margin"]
+    confident = (top2[:, 1] - top2[:, 0]) > gates["ort_confident_margin"] * ref.std()  # in logit stds
     assert confident.sum() >= len(ref) // 2, "too few confident samples for a meaningful check"
     same = logits.argmax(1) == ref.argmax(1)
     assert same[confident].all(), f"top-1 differs on confident samples {np.flatnonzero(confident & ~same)}"
@@ -585,7 +585,9 @@ def test_a_96px_folder_trains_exports_certifies_and_runs_at_the_edge(export_96: 
     assert manifest["input"]["shape"] == ["batch", 3, 96, 96] and manifest["preprocessing"]["size"] == [96, 96]
     assert manifest["preprocessing"]["crop"] == "center"
     parity = json.loads((out / "parity.json").read_text())
-    assert parity["passed"] and parity["accuracy"]["onnxruntime_int8"] > 0.6  # chance: 1/3
+    # 60 test images prove no 5 pt bound (kdq.stats): the export lands "not proven", and never "rejected"
+    assert parity["verdict"] == manifest["certificate"]["verdict"] == "not proven"
+    assert parity["accuracy"]["onnxruntime_int8"] > 0.6  # chance: 1/3
     r = run([kdq_edge, "classify", "--model", out, "--json", "--batch-size", "1", "--top-k", "1", *export_96["files"]])
     assert r.returncode == EXIT_OK, r.stderr
     assert [res["top"][0]["index"] for res in json.loads(r.stdout)["results"]] == export_96["certified"]

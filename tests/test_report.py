@@ -13,6 +13,7 @@ from PIL import Image
 
 from kdq import checkpoint as ck
 from kdq.cli import main
+from kdq.parity import SYMBOLS
 from kdq.report import PLOTS, load_run, plot_confusion, plot_tradeoff, plot_training_curves, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,10 +154,14 @@ def test_export_tables_equal_parity_json(smoke_run, report):
         assert shown(row[4], r["ms"])
     agreement = {row[0]: row for row in table(md, "vs PyTorch int8")}
     for runtime, a in parity["agreement"].items():
-        assert shown(agreement[runtime][1], a["top1_agreement"])
+        assert agreement[runtime][1].startswith(f"{a['flips']} of {a['n']} ")
         assert shown(agreement[runtime][3], a["max_abs_logit_diff"])
-    gates = {row[0]: row[3] for row in table(md, "gate")}
-    assert {c["name"]: "✓" if c["passed"] else "✗ FAILED" for c in parity["checks"]} == gates
+    gates = {row[0]: row for row in table(md, "gate")}
+    assert set(gates) == {c["name"] for c in parity["checks"]}
+    for c in parity["checks"]:  # every gate's verdict, and a statistical one's N and p-value
+        row = gates[c["name"]]
+        assert row[6] == SYMBOLS[c["verdict"]] and (row[4] == str(c["n"]) if "n" in c else row[4] == "")
+        assert "p" not in c or shown(row[5], c["p"]) or c["p"] < 1e-3
 
 
 def test_html_is_self_contained_and_shows_the_same_tables(report):
