@@ -577,6 +577,32 @@ def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, flow, re
 
 
 @main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@data_dir_option()
+@click.option("--samples", type=click.IntRange(min=16), default=512, help="Validation images to measure on.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for diagnosis.json/.md/.png  [default: SOURCE's folder]")  # fmt: skip
+def diagnose(source: Path, data_dir: Path, samples: int, out: Path | None) -> None:
+    """Find the layers an int8 model's error comes from, and where ONNX Runtime parts from PyTorch.
+
+    \b
+    SOURCE: an export folder (its manifest names the checkpoint) or a quantized checkpoint.
+    Measured on SAMPLES images of the recipe's validation split, never the test split:
+    - sensitivity: each layer left in float alone, its SQNR gain against the float forward
+      (eager QAT checkpoints);
+    - divergence: every convolution's int8 output in PyTorch and in ONNX Runtime, in LSB,
+      naming the first beyond 1 LSB (eager exports with ONNX).
+    A rejected export gets this diagnosis in OUT.rejected/ by itself.
+    """
+    from kdq import diagnose as diag
+
+    result = diag.diagnose(source, data_dir, samples)
+    click.echo(diag.format_diagnosis(result))
+    files = diag.write_diagnosis(result, out or (source if source.is_dir() else source.parent))
+    click.echo(f"-> {', '.join(map(str, files))}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output folder  [default: RUN_DIR]"

@@ -38,6 +38,7 @@ from kdq.artifacts import (
     Target,
     sha256,
 )
+from kdq.errors import KdqError
 from kdq.files import check_writable, save_json, save_text
 from kdq.quant import QUANTIZATION, float_reference, int8_model
 
@@ -200,11 +201,23 @@ def export(
             shutil.rmtree(rejected, ignore_errors=True)
             staging.rename(rejected)
             failed = [c["name"] for c in report["checks"] if c["verdict"] == "fail"]
-            raise ExportError(f"parity gates failed: {', '.join(failed)} (export kept in {rejected})")
+            why = _diagnose_rejected(rejected, data_dir)
+            raise ExportError(f"parity gates failed: {', '.join(failed)} (export kept in {rejected}; {why})")
         _replace_dir(staging, out)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _diagnose_rejected(folder: Path, data_dir: Path) -> str:
+    """`kdq diagnose` of a rejected export, written beside its certificate: where to look next."""
+    from kdq.diagnose import DIAGNOSIS_MD, diagnose, write_diagnosis
+
+    try:
+        write_diagnosis(diagnose(folder, data_dir), folder)
+    except KdqError as e:
+        return f"no diagnosis: {str(e).splitlines()[0]}"
+    return f"diagnosis: {folder / DIAGNOSIS_MD}"
 
 
 def existing_certificate(out: Path, checkpoint: Path, target: Target) -> dict | None:

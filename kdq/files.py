@@ -112,3 +112,10 @@ def save_json(obj: Any, path: Path | str) -> None:
 def save_text(text: str, path: Path | str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text)
+
+
+def save_png(fig, path: Path) -> Path:
+    """A matplotlib figure as PNG, written atomically."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from kdq import recipes
-from kdq.artifacts import load_target
+from kdq.artifacts import ExportError, load_target
 from kdq.config import QAT_STAGE, Preset, qat_stage, with_overrides
 from kdq.errors import KdqError
 from kdq.export import existing_certificate, export
@@ -70,14 +70,20 @@ def run_pipeline(
     if report is not None:
         print(f"[pipeline] {out} already certifies this checkpoint for {target.name}: kept", file=sys.stderr)
     else:
-        report = export(
-            stages[qat],
-            out,
-            target,
-            data_dir=opts.data_dir,
-            overwrite=opts.overwrite or opts.resume,
-            latency_runs=export_latency_runs,
-        )
+        try:
+            report = export(
+                stages[qat],
+                out,
+                target,
+                data_dir=opts.data_dir,
+                overwrite=opts.overwrite or opts.resume,
+                latency_runs=export_latency_runs,
+            )
+        except ExportError as e:  # the report matters most now: the failed gates, per-class plot, diagnosis
+            if out.with_name(out.name + ".rejected").is_dir():
+                md, _ = write_report(run_dir)
+                raise ExportError(f"{str(e).splitlines()[0]}; report: {md}") from e
+            raise
     click.echo(format_report(report))
     click.echo(f"{report['verdict']} int8 export -> {out}")
     md, page = write_report(run_dir)

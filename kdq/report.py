@@ -24,9 +24,10 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 import kdq
 from kdq.artifacts import MANIFEST, PARITY_JSON
+from kdq.diagnose import DIAGNOSIS_JSON, format_diagnosis, plot_diagnosis
 from kdq.errors import KdqError
-from kdq.files import atomic_output, save_text
-from kdq.parity import format_report
+from kdq.files import save_png, save_text
+from kdq.parity import certificate_headline, format_report
 from kdq.recipes import EVALUATION_JSON
 from kdq.train import HISTORY_JSON
 
@@ -47,6 +48,7 @@ class Export:
     name: str  # folder name, e.g. "export-x86"
     parity: dict
     manifest: dict | None
+    diagnosis: dict | None = None  # `kdq diagnose` (written by itself into a rejected export)
 
 
 @dataclass
@@ -84,12 +86,13 @@ def load_run(run_dir: Path) -> Run:
     if (run_dir / EVALUATION_JSON).is_file():
         run.evaluation = json.loads((run_dir / EVALUATION_JSON).read_text())
     for parity in sorted(run_dir.glob(f"export-*/{PARITY_JSON}")):
-        manifest = parity.parent / MANIFEST
+        manifest, diagnosis = parity.parent / MANIFEST, parity.parent / DIAGNOSIS_JSON
         run.exports.append(
             Export(
                 parity.parent.name,
                 json.loads(parity.read_text()),
                 json.loads(manifest.read_text()) if manifest.is_file() else None,
+                json.loads(diagnosis.read_text()) if diagnosis.is_file() else None,
             )
         )
     if not (run.histories or run.evaluation or run.exports):
@@ -214,12 +217,6 @@ def plot_export_latency(parity: dict, name: str) -> Figure:
     return fig
 
 
-def save_png(fig: Figure, path: Path) -> Path:
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
-
-
 # --- Markdown -------------------------------------------------------------------------------------
 
 
@@ -331,6 +328,12 @@ def build_markdown(run: Run, plots: dict[str, str]) -> str:
         f"`export-*/{PARITY_JSON}`).",
         "",
     ]
+    for e in run.exports:  # a certificate that did not certify goes on top: the failed gates, and where to look
+        if e.parity.get("verdict", "certified" if e.parity["passed"] else "rejected") != "certified":
+            lines += [f"> **{e.name}: {certificate_headline(e.parity)}**", ">"]
+            lines += [f"> - {c['name']}: {c.get('verdict', 'fail')} ({c.get('reason') or 'see the certificate below'})"
+                      for c in e.parity["checks"] if not c["passed"]]  # fmt: skip
+            lines.append("")
 
     lines += ["## Models: accuracy, size, latency", ""]
     if run.evaluation:
@@ -384,6 +387,9 @@ def build_markdown(run: Run, plots: dict[str, str]) -> str:
     for e in run.exports:
         certificate = format_report(e.parity).replace("# Parity certificate", f"### {e.name}: parity certificate", 1)
         lines += [f"![{e.name} latency]({plots[e.name]})", "", certificate.strip(), ""]
+        if e.diagnosis:
+            diagnosis = format_diagnosis(e.diagnosis).replace("# Diagnosis", f"#### {e.name}: diagnosis", 1)
+            lines += [diagnosis.strip(), "", f"![{e.name} diagnosis]({plots[e.name + ':diagnosis']})", ""]
     if not run.exports:
         lines += [f"_No `export-*/{PARITY_JSON}` in the run: `kdq export RUN/student_qat/checkpoint.pt`._", ""]
     return "\n".join(lines)
@@ -438,6 +444,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
         figures["confusion"] = ("confusion_matrix.png", cm)
     for e in run.exports:
         figures[e.name] = (f"{e.name}_latency.png", plot_export_latency(e.parity, e.name))
+        if e.diagnosis:
+            figures[f"{e.name}:diagnosis"] = (f"{e.name}_diagnosis.png", plot_diagnosis(e.diagnosis))
     plots = {}
     for key, (name, fig) in figures.items():
         save_png(fig, plots_dir / name)

@@ -425,10 +425,27 @@ def test_a_target_file_that_says_what_kdq_would_not_do(ws, tmp_path):
         ('extends = "x86"\n[gates]\ntorchscript_identical = false\n',
          "gate torchscript_identical is on when named (true); remove it to leave it out"),
         ('extends = "base.toml"\n', "`extends` goes round in a circle (my.toml -> base.toml)"),
+        ('extends = "x86"\n[gates]\nort_top1_agreement_min = 0.99\n',
+         "gates renamed when they became statistical: ort_top1_agreement_min -> ort_flip_rate_max (= 1 - the "
+         "agreement; the confident margin is now in logit standard deviations, and confident flips are bounded by "
+         "ort_confident_flip_rate_max)"),
     ):  # fmt: skip
         target.write_text(text)
         base.write_text('extends = "my.toml"\n')
         fails(["export", ptq, "--target", target, "--out", tmp_path / "e"], f"{target}: {message}", tmp_path, ws)
+
+
+def test_diagnose_what_it_cannot_diagnose(ws, tmp_path):
+    """Row 45: a float checkpoint, a PTQ checkpoint (sensitivity toggles QAT fake-quant), a folder that is no export."""
+    run = ws / "run"
+    for source, message in (
+        (run / "baseline" / "checkpoint.pt", f"{run / 'baseline' / 'checkpoint.pt'} is a float checkpoint: nothing "
+                                             "quantized to diagnose"),
+        (run / "baseline_ptq" / "checkpoint.pt", "diagnose: layer sensitivity needs an eager QAT checkpoint "
+                                                 "(`kdq distill --qat`) for now"),
+        (run, f"{run}: no manifest.json: not an export folder"),
+    ):  # fmt: skip
+        fails(["diagnose", source, "--out", tmp_path / "d"], message, tmp_path, ws)
 
 
 def test_export_of_a_float_checkpoint(ws, tmp_path):

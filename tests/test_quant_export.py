@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from kdq.export import export
 from kdq.models import count_parameters
 from kdq.quant import QUANTIZATION, float_reference, int8_model
 from kdq.recipes import RunOptions, quantize_static
+from kdq.report import write_report
 from tests.targets import smoke_target
 
 PARITY_ONLY = {  # the x86 gates without the timing ones: parity must hold on any machine load
@@ -134,13 +136,23 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
     monkeypatch.setattr(ex, "export_onnx", export_then_corrupt)
     out = tmp_path / "export"
     target = Target("x86-parity", "x86", ["torchscript", "onnx"], 17, PARITY_ONLY, {"batch_sizes": [1], "threads": [1]})
-    with pytest.raises(ExportError, match="parity gates failed: .*ort_"):
+    with pytest.raises(ExportError, match="parity gates failed: .*ort_.*diagnosis: .*diagnosis.md"):
         export(smoke_run / "student_qat" / "checkpoint.pt", out, target, latency_runs=2)
     assert len(corrupted) == 1 and not out.exists()  # the int8 file was corrupted; nothing half-certified at OUT
     report = json.loads((tmp_path / "export.rejected" / "parity.json").read_text())
     failed = {c["name"] for c in report["checks"] if not c["passed"]}
     # ONNX Runtime's agreement with PyTorch int8 catches the corrupted ONNX file; TorchScript still agrees bit for bit
     assert {"ort_flip_rate", "ort_mean_abs_logit_rel"} <= failed and "torchscript_identical" not in failed, failed
+    # ... and the diagnosis written beside it names the corrupted convolution (the stem) as where ORT parts from PyTorch
+    diagnosis = json.loads((tmp_path / "export.rejected" / "diagnosis.json").read_text())
+    assert diagnosis["first_divergent_layer"] == "features.0.0" and diagnosis["split"] == "validation"
+    # The run's report puts the failed gates on top and shows the diagnosis (kdq pipeline writes it on rejection)
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "export.rejected", run / "export-x86.rejected")
+    md = write_report(run)[0].read_text()
+    top = md.split("## ")[1]
+    assert "export-x86.rejected: REJECTED" in top and "- ort_flip_rate: fail" in top
+    assert "#### export-x86.rejected: diagnosis" in md and "export-x86.rejected_diagnosis.png" in md
 
 
 def test_qnnpack_target_exports_too(smoke_run, tmp_path):

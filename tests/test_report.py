@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,28 @@ def test_pipeline_ends_by_writing_the_report(smoke_run: Path):
         assert_png(smoke_run / PLOTS / name)
     # written after everything it reports on
     assert (smoke_run / "report.md").stat().st_mtime >= (smoke_run / "export-x86" / "parity.json").stat().st_mtime
+
+
+def test_a_rejected_export_still_gets_its_report_with_the_failed_gates_on_top(smoke_run: Path, tmp_path: Path):
+    """`kdq pipeline --resume` on a copy of the smoke run, with a target the smoke student cannot meet
+    (min_accuracy 99.9%): the export is rejected, and the report is written anyway, the failed gate on top,
+    the rejected export's certificate, diagnosis and plots below."""
+    from tests.targets import smoke_target
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("export-*", "report.*", PLOTS))
+    target = smoke_target("x86", tmp_path, paths=[], min_accuracy=0.999)
+    argv = ["pipeline", "--preset", "smoke", "--run-dir", run, "--device", "cpu", "--resume", "--target", target,
+            "--latency-runs", "2"]  # fmt: skip
+    result = CliRunner().invoke(main, [str(a) for a in argv])
+    assert result.exit_code == 1 and "parity gates failed: min_accuracy[" in result.output, result.output
+    assert f"report: {run / 'report.md'}" in result.output
+    md = (run / "report.md").read_text()
+    top = md.split("\n## ")[0]
+    assert "export-x86.rejected: REJECTED" in top and "- min_accuracy[pytorch_int8]: fail" in top
+    assert "### export-x86.rejected: parity certificate" in md and "#### export-x86.rejected: diagnosis" in md
+    for plot in ("export-x86.rejected_diagnosis.png", "confusion_matrix.png", "per_class_accuracy.png"):
+        assert_png(run / PLOTS / plot)
 
 
 def test_every_plot_is_a_valid_png_linked_from_the_report(report):
@@ -174,7 +197,7 @@ def test_html_is_self_contained_and_shows_the_same_tables(report):
     assert [base64.b64decode(i) for i in images] == [(out / p).read_bytes() for p in linked]
     assert page.count("<tr>") == sum(len(rows) + 1 for _, rows in tables(md))
     assert page.count("<table>") == len(tables(md)) and "<td>student_qat</td>" in page
-    assert re.search(r"<strong>(PASSED|FAILED)</strong>", page)
+    assert re.search(r"<strong>(CERTIFIED|NOT PROVEN|REJECTED)[^<]*</strong>", page)
 
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package, installed by `make setup`
