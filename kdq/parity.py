@@ -9,6 +9,8 @@ Loads every artifact independently (after checking its sha256 against the manife
 3. latency of each runtime in fp32 and int8, in interleaved rounds (A B A B ...), so that a ratio compares
    two runtimes measured in the same round at the same thread count;
 4. every gate the target names (`kdq.artifacts.GATES`); a gate whose inputs are missing fails and says why.
+   Accuracy-type gates are statistical statements on the paired per-image outcomes (`kdq.stats`): each passes,
+   fails, or is not proven on this many test images; the certificate's verdict is certified, rejected or not proven.
 Writes parity.json, including where it was measured; `format_report` renders it as Markdown.
 """
 

@@ -35,6 +35,11 @@ def need(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def need_debian_fashion_mnist() -> None:
+    """Debian's Fashion-MNIST files (`make setup` installs them): a missing dataset skips here, fails in CI."""
+    need(Path("/usr/share/datasets/fashion-mnist").is_dir(), "apt-get install dataset-fashion-mnist")
+
+
 def need_root_linux(what: str) -> None:
     need(sys.platform.startswith("linux"), f"{what} needs Linux")
     need(os.geteuid() == 0, f"{what} needs root (daemons, network namespaces, rootful podman)")

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from kdq import checkpoint as ck
 from kdq.cli import main
+from tests.launch_support import need_debian_fashion_mnist
 from tests.targets import smoke_target
 
 
@@ -127,13 +128,11 @@ def test_checkpoint_of_another_architecture_is_refused(smoke_run, tmp_path):
     assert result.exit_code == 1 and "weights do not fit mobilenet_v2" in result.output
 
 
-@pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
-)
 def test_pipeline_on_fashion_mnist_offline(tmp_path):
     """`kdq pipeline --dataset fashion-mnist` from Debian's files, no network: the smoke recipe on a 600-image
     subset; every model is evaluated and certified on all 10,000 test images; the teacher is compared with the
     baseline before distilling."""
+    need_debian_fashion_mnist()
     # The smoke target without the emulated AVX2 path (minutes on 10k images), and with the per-class and agreement
     # gates opened: a model trained for seconds on 540 images has near-tied logits everywhere (measured: one class
     # 70 pt below float, 94.6% agreement, hardly an image with a confident top-1); the gates themselves are tested

@@ -23,6 +23,7 @@ from kdq.data import (
 )
 
 from .conftest import write_cifar_batch
+from .launch_support import need_debian_fashion_mnist
 
 
 def test_digits_loader_is_fixed_stratified_32x32(digits):
@@ -234,11 +235,9 @@ def test_truncated_idx_file_is_a_one_line_error(tmp_path):
         load_fashion_mnist(tmp_path, verify=False)
 
 
-@pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
-)
 def test_debians_fashion_mnist_is_the_real_one(tmp_path):
     """Debian's recompressed files hold the original idx bytes (md5 of the decompressed files checked)."""
+    need_debian_fashion_mnist()
     ds = load_fashion_mnist(tmp_path)
     assert len(ds.train) == 60_000 and len(ds.test) == 10_000
     assert torch.bincount(ds.test.labels).tolist() == [1000] * 10

@@ -150,7 +150,7 @@ def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeyp
     run = tmp_path / "run"
     shutil.copytree(tmp_path / "export.rejected", run / "export-x86.rejected")
     md = write_report(run)[0].read_text()
-    top = md.split("## ")[1]
+    top = md.split("\n## ")[0]
     assert "export-x86.rejected: REJECTED" in top and "- ort_flip_rate: fail" in top
     assert "#### export-x86.rejected: diagnosis" in md and "export-x86.rejected_diagnosis.png" in md
 
