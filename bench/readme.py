@@ -19,6 +19,8 @@ from pathlib import Path
 
 from bench import accuracy, floor, flows, inference, int8_paths, memory, training
 from bench.common import Table, markdown_table
+from kdq.parity import certificate_headline
+from kdq.stats import rate_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -46,19 +48,29 @@ def demo_tables(result: dict) -> list[Table]:
                   "PyTorch ms (b1)"], rows)]  # fmt: skip
 
 
-def certificate_tables(parity: dict) -> list[Table]:
-    """The export certificate's accuracy per runtime and path, and each runtime's agreement with PyTorch int8."""
+def certificate_tables(parity: dict) -> list[str | Table]:
+    """The export certificate: its verdict, accuracy per runtime and path (95% intervals), agreement with PyTorch
+    int8, and every gate with its interval, bound, N and verdict: what this many test images prove, and what not."""
     n = parity["test_samples"]
     accuracy = Table(f"Export certificate: top-1 on the {n} test images, per runtime (@path: the AVX2 and exact "
-                     "int8 paths)", ["runtime", "test acc"],
-                     [[k, f"{v:.2%}"] for k, v in parity["accuracy"].items()])  # fmt: skip
+                     "int8 paths), with its 95% Wilson interval", ["runtime", "test acc", "95% CI"],
+                     [[k, f"{v:.2%}", "{:.1%} – {:.1%}".format(*rate_interval(round(v * n), n))]
+                      for k, v in parity["accuracy"].items()])  # fmt: skip
     agreement = Table(
         "Agreement with PyTorch int8",
         ["runtime", "top-1 agreement", "mean abs Δlogit", "… in logit stds", "max abs Δlogit"],
         [[k, f"{a['top1_agreement']:.2%}", f"{a['mean_abs_logit_diff']:.3f}", f"{a['mean_abs_logit_rel']:.3f}",
           f"{a['max_abs_logit_diff']:.3f}"] for k, a in parity["agreement"].items()],
     )  # fmt: skip
-    return [accuracy, agreement]
+    gates = Table(
+        "Gates: each statistical one is decided by its 95% interval against its bound (kdq/stats.py)",
+        ["gate", "value", "95% CI", "bound", "N", "verdict"],
+        [[c["name"], "—" if c["value"] is None else f"{c['value']:.4g}",
+          "[{:.4g}, {:.4g}]".format(*c["ci"]) if "ci" in c else "", str(c["threshold"]), str(c.get("n", "")),
+          c["verdict"] + (f" (~{c['images_needed']:,} images would prove it)" if c.get("images_needed") else "")]
+         for c in parity["checks"]],
+    )  # fmt: skip
+    return [f"**Verdict: {certificate_headline(parity)}.**", accuracy, agreement, gates]
 
 
 def bench_parts(result: dict) -> list[str | Table]:
