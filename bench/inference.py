@@ -78,7 +78,7 @@ def build_artifacts(work: Path, checkpoint: Path | None) -> tuple[dict, dict, di
         runners[("onnxruntime", precision)] = ort_runner(ort_session(folder / ARTIFACTS["onnx"], 1))
         sizes[precision] = {
             "state_dict": state_dict_bytes(model),
-            **{fmt: (folder / name).stat().st_size for fmt, name in ARTIFACTS.items()},
+            **{fmt: (folder / ARTIFACTS[fmt]).stat().st_size for fmt in target.formats},  # the files an x86 export has
         }
     return runners, sizes, {**ckpt[ck.ARCH], "image_size": ck.input_size(ckpt)}
 
