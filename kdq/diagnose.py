@@ -96,7 +96,15 @@ def divergence(ckpt: dict[str, Any], checkpoint: Path, onnx_path: Path, x: torch
     model = int8_model(ckpt, checkpoint)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n, m in convs.items()]
+    input_scales: dict[str, float] = {}
+
+    def keep(name: str):
+        def hook(module, inputs, output):
+            outputs[name], input_scales[name] = output, inputs[0].q_scale()
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in convs.items()]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -118,10 +126,22 @@ def divergence(ckpt: dict[str, Any], checkpoint: Path, onnx_path: Path, x: torch
             continue
         diff = np.abs(outputs[name].int_repr().numpy().astype(np.int32) - ort[wanted[name]].astype(np.int32))
         mean = float(diff.mean())
+        multiplier = requantization_multipliers(convs[name], input_scales[name])
         rows.append({"layer": name, "max_lsb": int(diff.max()), "beyond_1_lsb": float((diff > 1).mean()),
-                     "mean_lsb": mean, "added_mean_lsb": mean - previous})  # fmt: skip
+                     "mean_lsb": mean, "added_mean_lsb": mean - previous, "max_multiplier": float(multiplier.max()),
+                     "channels_multiplier_ge_1": int((multiplier >= 1).sum())})  # fmt: skip
         previous = mean
     return rows
+
+
+def requantization_multipliers(conv: nn.Module, input_scale: float) -> np.ndarray:
+    """Per output channel, input scale x weight scale / output scale: one accumulator unit in output LSB. Above 1 a
+    channel's int8 grid is coarser than its output's (a BN-folded channel far larger than the rest), and a kernel
+    that differs by one accumulator unit differs by that many LSB."""
+    w = conv.weight()
+    per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+    scales = w.q_per_channel_scales() if per_channel else torch.tensor([w.q_scale()])
+    return (input_scale * scales.double() / conv.scale).numpy()
 
 
 def validation_slice(ckpt: dict[str, Any], data_dir: Path, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,9 +207,11 @@ def format_diagnosis(d: dict, top: int = 10) -> str:
     if "divergence" in d:
         first = d.get("first_divergent_layer")
         lines += ["", f"PyTorch int8 vs ONNX Runtime int8, per convolution: first beyond 1 LSB: **{first or 'none'}**",
-                  "", "| layer | max LSB | share > 1 LSB | mean LSB | added |", "|---|---|---|---|---|"]  # fmt: skip
+                  "", "| layer | max LSB | share > 1 LSB | mean LSB | added | max requant. multiplier "
+                  "(channels ≥ 1) |", "|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['layer']} | {r['max_lsb']} | {r['beyond_1_lsb']:.2%} | {r['mean_lsb']:.3f} | "
-                  f"{r['added_mean_lsb']:+.3f} |" for r in d["divergence"]]  # fmt: skip
+                  f"{r['added_mean_lsb']:+.3f} | {r['max_multiplier']:.3g} ({r['channels_multiplier_ge_1']}) |"
+                  for r in d["divergence"]]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -43,3 +43,18 @@ def test_the_certified_export_is_diagnosed_from_its_folder(smoke_run: Path, tmp_
     assert sum(r["added_mean_lsb"] for r in rows) == pytest.approx(rows[-1]["mean_lsb"])
     first = next((r["layer"] for r in rows if r["max_lsb"] > 1), None)
     assert d["first_divergent_layer"] == first
+
+
+def test_requantization_multiplier_is_input_times_weight_over_output_scale():
+    """A channel whose weight step is 40x another's: input scale 0.5, weight scales 0.1 and 4.0, output scale 1.0
+    give multipliers 0.05 and 2.0 (worked by hand): one accumulator unit of the second is 2 output LSB."""
+    import torch
+
+    from kdq.diagnose import requantization_multipliers
+
+    conv = torch.ao.nn.quantized.Conv2d(1, 2, 1)
+    w = torch.quantize_per_channel(torch.ones(2, 1, 1, 1), torch.tensor([0.1, 4.0]), torch.tensor([0, 0]), 0,
+                                   torch.qint8)  # fmt: skip
+    conv.set_weight_bias(w, None)
+    conv.scale = 1.0
+    assert requantization_multipliers(conv, 0.5).tolist() == pytest.approx([0.05, 2.0])
