@@ -210,9 +210,15 @@ def format_diagnosis(d: dict, top: int = 10) -> str:
                   "", "| layer | max LSB | share > 1 LSB | mean LSB | added | max requant. multiplier "
                   "(channels ≥ 1) |", "|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['layer']} | {r['max_lsb']} | {r['beyond_1_lsb']:.2%} | {r['mean_lsb']:.3f} | "
-                  f"{r['added_mean_lsb']:+.3f} | {r['max_multiplier']:.3g} ({r['channels_multiplier_ge_1']}) |"
-                  for r in d["divergence"]]  # fmt: skip
+                  f"{r['added_mean_lsb']:+.3f} | {_multiplier(r)} |" for r in d["divergence"]]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _multiplier(row: dict) -> str:
+    """A diagnosis written before kdq recorded multipliers has none: the report still renders it."""
+    if "max_multiplier" not in row:
+        return "—"
+    return f"{row['max_multiplier']:.3g} ({row['channels_multiplier_ge_1']})"
 
 
 def plot_diagnosis(d: dict):

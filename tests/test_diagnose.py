@@ -58,3 +58,13 @@ def test_requantization_multiplier_is_input_times_weight_over_output_scale():
     conv.set_weight_bias(w, None)
     conv.scale = 1.0
     assert requantization_multipliers(conv, 0.5).tolist() == pytest.approx([0.05, 2.0])
+
+
+def test_a_diagnosis_from_an_older_kdq_still_renders():
+    """The report reads every diagnosis.json it finds; one written before the multiplier column renders with a dash."""
+    from kdq.diagnose import format_diagnosis
+
+    summary = {"sqnr_db": 30.0, "agreement": 0.99, "accuracy_int8": 0.9, "accuracy_float": 0.9}
+    row = {"layer": "features.0.0", "max_lsb": 1, "beyond_1_lsb": 0.0, "mean_lsb": 0.0, "added_mean_lsb": 0.0}
+    old = {"samples": 8, "split": "validation", "summary": summary, "sensitivity": [], "divergence": [row]}
+    assert "| features.0.0 | 1 | 0.00% | 0.000 | +0.000 | — |" in format_diagnosis(old)
