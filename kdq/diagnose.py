@@ -54,9 +54,9 @@ def _switch(module: nn.Module, on: bool) -> None:
             fq.enable_fake_quant(on)
 
 
-def sensitivity(ckpt: dict[str, Any], x: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-    """Per quantized layer: SQNR, agreement and accuracy with only that layer left in float (see module doc),
-    most sensitive first."""
+def sensitivity(ckpt: dict[str, Any], x: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list[dict]]:
+    """The all-int8 model's SQNR, agreement and accuracy, and per quantized layer the same with only that layer
+    left in float (see module doc), most sensitive first."""
     model = prepared_from_checkpoint(ckpt)
     model.apply(torch.ao.quantization.disable_observer)  # measuring must not move the ranges it measures
     layers = quantized_layers(model)
@@ -86,7 +86,7 @@ def sensitivity(ckpt: dict[str, Any], x: torch.Tensor, labels: torch.Tensor) -> 
     summary = {"sqnr_db": base, "accuracy_int8": float((quantized.argmax(1) == labels).float().mean()),
                "accuracy_float": float((reference.argmax(1) == labels).float().mean()),
                "agreement": float((quantized.argmax(1) == reference.argmax(1)).float().mean())}  # fmt: skip
-    return [{"summary": summary}, *rows]
+    return summary, rows
 
 
 def divergence(ckpt: dict[str, Any], checkpoint: Path, onnx_path: Path, x: torch.Tensor, config: dict) -> list[dict]:
@@ -178,8 +178,8 @@ def diagnose(source: Path, data_dir: Path = Path("data"), samples: int = SAMPLES
     if ckpt[QUANTIZATION]["flow"] != "eager" or ckpt[QUANTIZATION]["mode"] != "qat":
         raise KdqError("diagnose: layer sensitivity needs an eager QAT checkpoint (`kdq distill --qat`) for now")
     x, labels = validation_slice(ckpt, data_dir, samples)
-    summary, *layers = sensitivity(ckpt, x, labels)
-    result = {"checkpoint": str(checkpoint), "samples": len(labels), "split": "validation", **summary,
+    summary, layers = sensitivity(ckpt, x, labels)
+    result = {"checkpoint": str(checkpoint), "samples": len(labels), "split": "validation", "summary": summary,
               "sensitivity": layers}  # fmt: skip
     onnx_path = folder / ARTIFACTS["onnx"] if folder else None
     if onnx_path and onnx_path.is_file() and ckpt[QUANTIZATION]["flow"] == "eager":

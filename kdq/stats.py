@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import brentq
@@ -111,9 +111,6 @@ class Result:
     verdict: str
     images_needed: int | None = None
     mcnemar_p: float | None = None
-
-    def asdict(self) -> dict:
-        return asdict(self)
 
 
 def drop_within(p: Paired, bound: float) -> Result:
