@@ -110,6 +110,34 @@ def test_artifacts_load_in_a_fresh_process_and_agree(smoke_run, digits, tmp_path
     assert (ort.argmax(1) == ref.argmax(1)).mean() >= 0.95 and np.abs(ort - ref).mean() <= 0.3
 
 
+def onnx_biases(path) -> dict[str, np.ndarray]:
+    """Each convolution's bias as ONNX Runtime adds it: the int32 constant times its DequantizeLinear scale."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    constants = {o: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"
+                 for o in n.output}  # fmt: skip
+    biases = {}
+    for node in graph.node:
+        q = constants.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is not None and q.dtype == np.int32:
+            module = node.name.rsplit("/", 1)[0].strip("/").replace("/", ".")
+            biases[module] = q.astype(np.float64) * constants[node.input[1]].astype(np.float64)
+    return biases
+
+
+def test_onnx_and_pytorch_int8_add_the_same_bias(smoke_run):
+    """The legacy exporter rounds each float bias to int32 accumulator units; PyTorch's kernels add it unrounded.
+    kdq.quant.biases_on_onnx_grid puts PyTorch's on that grid, so both runtimes compute one model."""
+    ckpt = ck.load_checkpoint(smoke_run / "student_qat" / "checkpoint.pt")
+    convs = {n: m for n, m in int8_model(ckpt).named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
+    exported = onnx_biases(smoke_run / "export-x86" / "model.onnx")
+    assert set(exported) == set(convs)
+    for name, conv in convs.items():
+        np.testing.assert_allclose(conv.bias().double().numpy(), exported[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
 def test_corrupted_onnx_initializer_fails_the_gates(smoke_run, tmp_path, monkeypatch):
     import onnx
     from onnx import numpy_helper
