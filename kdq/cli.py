@@ -46,6 +46,18 @@ def data_dir_option(help: str = "Dataset root."):
     )
 
 
+def max_drop_option():
+    return click.option(
+        "--max-drop",
+        type=click.FloatRange(0, 100, min_open=True),
+        default=None,
+        metavar="POINTS",
+        help="Accuracy points int8 may lose against the float model, on validation images (0.5 = half a point); "
+        "beyond it, the most sensitive convolutions are computed in float (eager flow). The certificate then "
+        "judges the repaired model on the test split.  [default: no repair]",
+    )
+
+
 def run_options(f):
     """Options shared by every stage that trains or reads data."""
     decorators = [
@@ -463,20 +475,42 @@ def baseline(preset: Preset, run_dir: Path, opts, **kwargs) -> None:
     help="Output checkpoint  [default: RUN/<stage>_ptq/checkpoint.pt, RUN/<stage>_ptq_qnnpack/... for qnnpack]",
 )
 @data_dir_option()
+@max_drop_option()
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def quantize(checkpoint: Path, backend, flow, calibration_batches, out, data_dir, overwrite) -> None:
-    """Static post-training quantization of a float student checkpoint (per-channel int8 weights)."""
+def quantize(checkpoint: Path, backend, flow, calibration_batches, out, data_dir, max_drop, overwrite) -> None:
+    """Static post-training quantization of a float student checkpoint (per-channel int8 weights).
+
+    \b
+    With --max-drop, also repair: the most sensitive convolutions are computed in float, one at a time in
+    `kdq diagnose`'s order, until int8 is within the budget on validation images. An eager int8 checkpoint
+    (a QAT student) is repaired as it is, into RUN/<stage>_repaired/checkpoint.pt.
+    """
     from kdq import checkpoint as ck
     from kdq import recipes
+    from kdq.quant import is_quantized
+    from kdq.repair import repair
 
     ckpt = ck.load_checkpoint(checkpoint)
+    if is_quantized(ckpt) and max_drop is not None:
+        out = out or checkpoint.parent.parent / f"{ckpt[ck.STAGE]}_repaired" / CHECKPOINT
+        _refuse_existing(out, overwrite)
+        click.echo(repair(checkpoint, out, max_drop / 100, data_dir)[0])
+        return
     preset = Preset.from_dict(ckpt[ck.PRESET])
     flow = flow or preset.quant.flow
     suffix = "".join(f"_{v}" for v in (flow, backend) if v not in ("eager", "x86"))  # _ptq, _ptq_pt2e_xnnpack, ...
     out = out or checkpoint.parent.parent / f"{ckpt[ck.STAGE]}_ptq{suffix}" / CHECKPOINT
     opts = recipes.RunOptions(data_dir=data_dir, overwrite=overwrite)
     batches = calibration_batches or preset.quant.calibration_batches
-    click.echo(recipes.quantize_static(checkpoint, out, opts, backend=backend, batches=batches, flow=flow))
+    quantized = recipes.quantize_static(checkpoint, out, opts, backend=backend, batches=batches, flow=flow)
+    if max_drop is not None:
+        quantized = repair(quantized, quantized, max_drop / 100, data_dir)[0]
+    click.echo(quantized)
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise KdqError(f"{out} exists; pass --overwrite to replace it")
 
 
 @main.command()
@@ -566,14 +600,16 @@ def export_cmd(checkpoint: Path, target, out, data_dir, verify, latency_runs, ov
     help="Stop before distilling when the teacher's validation accuracy is not above the no-KD baseline's "
     "(without it: a loud warning, and the report shows the comparison).",
 )
-def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, flow, require_teacher_ahead) -> None:
-    """Run every stage: teacher -> baseline -> (teacher ahead?) -> KD student -> QAT -> table -> certified export.
+@max_drop_option()
+def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, flow, require_teacher_ahead, max_drop) -> None:
+    """Run every stage: teacher -> baseline -> (teacher ahead?) -> KD student -> QAT -> (repair) -> table -> export.
 
     With --resume, finished stages are skipped and an interrupted one continues.
     """
     from kdq.pipeline import run_pipeline
 
-    run_pipeline(preset, run_dir, opts, latency_runs, target, require_teacher_ahead, flow)
+    drop = None if max_drop is None else max_drop / 100
+    run_pipeline(preset, run_dir, opts, latency_runs, target, require_teacher_ahead, flow, drop)
 
 
 @main.command()
@@ -588,8 +624,9 @@ def diagnose(source: Path, data_dir: Path, samples: int, out: Path | None) -> No
     \b
     SOURCE: an export folder (its manifest names the checkpoint) or a quantized checkpoint.
     Measured on SAMPLES images of the recipe's validation split, never the test split:
-    - sensitivity: each layer left in float alone, its SQNR gain against the float forward
-      (eager QAT checkpoints);
+    - sensitivity: each convolution alone computed in float (its output grid recalibrated on
+      training images), its SQNR gain against the float forward (eager QAT and PTQ checkpoints);
+      `kdq quantize --max-drop` puts layers in float in this order;
     - divergence: every convolution's int8 output in PyTorch and in ONNX Runtime, in LSB,
       naming the first beyond 1 LSB (eager exports with ONNX).
     A rejected export gets this diagnosis in OUT.rejected/ by itself.

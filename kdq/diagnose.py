@@ -2,10 +2,11 @@
 
 Measured on a slice of the *validation* split, never the test split: the certificate judges on the test images,
 and a diagnosis (or a repair chosen from it) that had seen them would bias that judgement.
-- **Sensitivity** (AIMET's quant analyzer, NNCF's accuracy control rank layers the same way): the QAT model with
-  every fake-quant on, then with only one layer left in float (its weight and output fake-quant off), against the
-  model's own float forward (all off). Per layer: the logits' SQNR, the top-1 agreement with float and the
-  accuracy, ranked by how many dB leaving that layer in float gains.
+- **Sensitivity** (AIMET's quant analyzer, NNCF's accuracy control rank layers the same way): the eager int8
+  model (QAT or PTQ), then the same with only one convolution computed in float (`kdq.quant.FloatIsland`, its
+  output grid recalibrated on training images), against the float forward (a QAT model's own, fake-quant off;
+  else the float model a PTQ checkpoint came from). Per layer: the logits' SQNR, the top-1 agreement with float
+  and the accuracy, ranked by how many dB computing that layer in float gains. `kdq.repair` follows this order.
 - **Runtime divergence** (eager flow, ONNX export): every convolution's int8 output in PyTorch and in ONNX
   Runtime, in LSB (the tensors ORT computes, requested as extra graph outputs: the fused QLinearConv kernels
   still run, the logits are unchanged). The first layer that differs by more than 1 LSB is named, and how much
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.ao import quantization as tq
 
 from kdq import checkpoint as ck
 from kdq.artifacts import ARTIFACTS, MANIFEST, ExportError, sha256
@@ -29,7 +31,17 @@ from kdq.data import Normalize
 from kdq.errors import KdqError
 from kdq.files import save_json, save_png, save_text
 from kdq.int8run import ort_session
-from kdq.quant import QUANTIZATION, int8_model, prepared_from_checkpoint
+from kdq.quant import (
+    QUANTIZATION,
+    FloatIsland,
+    checkpoint_scheme,
+    float_layer,
+    float_reference,
+    int8_model,
+    prepared_from_checkpoint,
+    qat_float_forward,
+    replace_layer,
+)
 from kdq.recipes import RunOptions, load_data
 
 DIAGNOSIS_JSON, DIAGNOSIS_MD, DIAGNOSIS_PNG = "diagnosis.json", "diagnosis.md", "diagnosis.png"
@@ -42,45 +54,60 @@ def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float("inf") if noise == 0 else 10 * float(np.log10(float(reference.pow(2).sum()) / noise))
 
 
-def quantized_layers(prepared: nn.Module) -> dict[str, nn.Module]:
-    """The layers of an eager QAT model that quantize their weights (conv, linear; fused with BN / ReLU)."""
-    return {name: m for name, m in prepared.named_modules() if hasattr(m, "weight_fake_quant")}
+def logits(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def _switch(module: nn.Module, on: bool) -> None:
-    """Turn a layer's weight and output fake-quant on or off."""
-    for fq in (module.weight_fake_quant, getattr(module, "activation_post_process", None)):
-        if fq is not None:
-            fq.enable_fake_quant(on)
+def float_forward(ckpt: dict[str, Any]) -> nn.Module:
+    """What int8 is measured against: a QAT model's own float forward (the int8 arithmetic's cost alone), else the
+    float model a PTQ checkpoint came from."""
+    reference = qat_float_forward(ckpt) or float_reference(ckpt)
+    if reference is None:
+        raise KdqError("diagnose: this checkpoint records no float model to measure int8 against")
+    return reference
 
 
-def sensitivity(ckpt: dict[str, Any], x: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list[dict]]:
-    """The all-int8 model's SQNR, agreement and accuracy, and per quantized layer the same with only that layer
-    left in float (see module doc), most sensitive first."""
-    model = prepared_from_checkpoint(ckpt)
-    model.apply(torch.ao.quantization.disable_observer)  # measuring must not move the ranges it measures
-    layers = quantized_layers(model)
+def island_grid(model: nn.Module, prepared: nn.Module, name: str, calibration: torch.Tensor, scheme) -> dict:
+    """The output grid of layer `name` computed in float inside int8 `model`: a min/max range over the float
+    layer's outputs on `calibration` (training images), in the scheme's activation range. Not the int8 layer's
+    own grid: that range may be what is broken."""
+    layer = float_layer(prepared, name)
+    observer = tq.MinMaxObserver(quant_min=0, quant_max=2**scheme.activation_bits - 1, dtype=torch.quint8)
 
-    @torch.no_grad()
-    def forward() -> torch.Tensor:
-        return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
+    def observe(module, inputs, output) -> None:  # returns None: the int8 layer's output flows on unchanged
+        observer(layer(inputs[0].dequantize()))
 
-    model.apply(torch.ao.quantization.disable_fake_quant)
-    reference = forward()
-    model.apply(torch.ao.quantization.enable_fake_quant)
-    quantized = forward()
+    hook = model.get_submodule(name).register_forward_hook(observe)
+    try:
+        logits(model, calibration)
+    finally:
+        hook.remove()
+    scale, zero_point = observer.calculate_qparams()
+    return {"scale": float(scale), "zero_point": int(zero_point)}
+
+
+def sensitivity(
+    ckpt: dict[str, Any], x: torch.Tensor, labels: torch.Tensor, calibration: torch.Tensor
+) -> tuple[dict, list[dict]]:
+    """The int8 model's SQNR, agreement and accuracy against its float forward, and per convolution the same with
+    only that layer computed in float (a `FloatIsland`, its output grid recalibrated), most sensitive first."""
+    reference = logits(float_forward(ckpt), x)
+    prepared, model = prepared_from_checkpoint(ckpt), int8_model(ckpt)
+    quantized = logits(model, x)
     base = sqnr_db(reference, quantized)
     rows = []
-    for name, layer in layers.items():
-        _switch(layer, False)
-        logits = forward()
-        _switch(layer, True)
+    for name, layer in int8_convolutions(model).items():
+        grid = island_grid(model, prepared, name, calibration, checkpoint_scheme(ckpt))
+        replace_layer(model, name, FloatIsland(float_layer(prepared, name), **grid))
+        out = logits(model, x)
+        replace_layer(model, name, layer)
         rows.append({
             "layer": name,
-            "sqnr_db": sqnr_db(reference, logits),
-            "gain_db": sqnr_db(reference, logits) - base,
-            "agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
-            "accuracy": float((logits.argmax(1) == labels).float().mean()),
+            "sqnr_db": sqnr_db(reference, out),
+            "gain_db": sqnr_db(reference, out) - base,
+            "agreement": float((out.argmax(1) == reference.argmax(1)).float().mean()),
+            "accuracy": float((out.argmax(1) == labels).float().mean()),
         })  # fmt: skip
     rows.sort(key=lambda r: -r["gain_db"])
     summary = {"sqnr_db": base, "accuracy_int8": float((quantized.argmax(1) == labels).float().mean()),
@@ -89,12 +116,17 @@ def sensitivity(ckpt: dict[str, Any], x: torch.Tensor, labels: torch.Tensor) -> 
     return summary, rows
 
 
+def int8_convolutions(model: nn.Module) -> dict[str, nn.Module]:
+    """An eager int8 model's quantized convolutions (fused conv-relu counts once), in execution order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
+
+
 def divergence(ckpt: dict[str, Any], checkpoint: Path, onnx_path: Path, x: torch.Tensor, config: dict) -> list[dict]:
     """Per convolution, in execution order: PyTorch int8's and ONNX Runtime's int8 outputs compared in LSB."""
     import onnx
 
     model = int8_model(ckpt, checkpoint)
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
+    convs = int8_convolutions(model)
     outputs: dict[str, torch.Tensor] = {}
     input_scales: dict[str, float] = {}
 
@@ -144,14 +176,19 @@ def requantization_multipliers(conv: nn.Module, input_scale: float) -> np.ndarra
     return (input_scale * scales.double() / conv.scale).numpy()
 
 
-def validation_slice(ckpt: dict[str, Any], data_dir: Path, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`samples` images of the recipe's validation split (drawn with the recipe's seed), normalized."""
+def slices(ckpt: dict[str, Any], data_dir: Path, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels) of `samples` validation images, and `samples` training images to calibrate float layers'
+    output grids on; drawn with the recipe's seed, normalized. Never a test image."""
     preset = Preset.from_dict(ckpt[ck.PRESET])
     data = load_data(preset, RunOptions(data_dir=Path(data_dir)))
     if data.val is None:
         raise KdqError("diagnose: the recipe holds out no validation split (val_fraction 0); it never uses test images")
-    pick = torch.randperm(len(data.val.labels), generator=torch.Generator().manual_seed(preset.seed))[:samples]
-    return Normalize(**ckpt[ck.NORMALIZATION])(data.val.images[pick]).contiguous(), data.val.labels[pick]
+    normalize = Normalize(**ckpt[ck.NORMALIZATION])
+    seed = torch.Generator().manual_seed(preset.seed)
+    pick = torch.randperm(len(data.val.labels), generator=seed)[:samples]
+    train = torch.randperm(len(data.train.labels), generator=seed)[:samples]
+    return (normalize(data.val.images[pick]).contiguous(), data.val.labels[pick],
+            normalize(data.train.images[train]).contiguous())  # fmt: skip
 
 
 def resolve(source: Path) -> tuple[Path, Path | None, dict]:
@@ -175,14 +212,14 @@ def diagnose(source: Path, data_dir: Path = Path("data"), samples: int = SAMPLES
     ckpt = ck.load_checkpoint(checkpoint)
     if QUANTIZATION not in ckpt:
         raise KdqError(f"{checkpoint} is a float checkpoint: nothing quantized to diagnose")
-    if ckpt[QUANTIZATION]["flow"] != "eager" or ckpt[QUANTIZATION]["mode"] != "qat":
-        raise KdqError("diagnose: layer sensitivity needs an eager QAT checkpoint (`kdq distill --qat`) for now")
-    x, labels = validation_slice(ckpt, data_dir, samples)
-    summary, layers = sensitivity(ckpt, x, labels)
+    if ckpt[QUANTIZATION]["flow"] != "eager":
+        raise KdqError("diagnose: layer sensitivity needs an eager-flow checkpoint (PT2E graphs: not yet)")
+    x, labels, calibration = slices(ckpt, data_dir, samples)
+    summary, layers = sensitivity(ckpt, x, labels, calibration)
     result = {"checkpoint": str(checkpoint), "samples": len(labels), "split": "validation", "summary": summary,
               "sensitivity": layers}  # fmt: skip
     onnx_path = folder / ARTIFACTS["onnx"] if folder else None
-    if onnx_path and onnx_path.is_file() and ckpt[QUANTIZATION]["flow"] == "eager":
+    if onnx_path and onnx_path.is_file():
         rows = divergence(ckpt, checkpoint, onnx_path, x, config)
         result["divergence"] = rows
         first = next((r["layer"] for r in rows if r["max_lsb"] > 1), None)
@@ -196,10 +233,10 @@ def format_diagnosis(d: dict, top: int = 10) -> str:
     lines = [
         f"# Diagnosis ({d['samples']} {d['split']} images)",
         "",
-        f"All layers int8 (fake-quant): SQNR {s['sqnr_db']:.1f} dB against the float forward, top-1 agreement "
+        f"All layers int8: SQNR {s['sqnr_db']:.1f} dB against the float forward, top-1 agreement "
         f"{s['agreement']:.2%}, accuracy {s['accuracy_int8']:.2%} (float {s['accuracy_float']:.2%}).",
         "",
-        f"| layer left in float (top {top}) | SQNR dB | gain dB | agreement with float | accuracy |",
+        f"| layer computed in float (top {top}) | SQNR dB | gain dB | agreement with float | accuracy |",
         "|---|---|---|---|---|",
     ]
     lines += [f"| {r['layer']} | {r['sqnr_db']:.1f} | {r['gain_db']:+.2f} | {r['agreement']:.2%} "
@@ -232,7 +269,7 @@ def plot_diagnosis(d: dict):
     axes = fig.subplots(panels, 1, squeeze=False)
     ax = axes[0][0]
     ax.bar(range(len(layers)), [order[n]["gain_db"] for n in layers])
-    ax.set_ylabel("SQNR gain (dB)\nwhen left in float")
+    ax.set_ylabel("SQNR gain (dB)\nwhen in float")
     ax.set_title(f"Layer sensitivity ({d['samples']} validation images)")
     if "divergence" in d:
         ax = axes[1][0]

@@ -51,7 +51,7 @@ from kdq.data import Normalize, load_test_split
 from kdq.evaluate import median_ms
 from kdq.files import save_json
 from kdq.int8run import logits_in_child, ort_session
-from kdq.quant import QUANTIZATION, float_reference, get_flow, int8_model, qat_float_forward
+from kdq.quant import FLOAT_LAYERS, QUANTIZATION, float_reference, get_flow, int8_model, qat_float_forward
 from kdq.stats import (
     FAIL,
     NOT_PROVEN,
@@ -332,13 +332,18 @@ def executorch_delegated(name: str, required: bool, report: dict) -> list[Check]
 
 @gate("ort_int8_kernels")
 def ort_int8_kernels(name: str, required: bool, report: dict) -> list[Check]:
-    """Every convolution of the model runs as a QLinearConv in ONNX Runtime's optimized graph."""
+    """Every int8 convolution of the model runs as a QLinearConv in ONNX Runtime's optimized graph, and exactly the
+    layers a repair put in float (`quantization.float_layers`, kdq.repair) run as float convolutions."""
     k = report.get("ort_kernels")
     if not k:
         return [record(name, None, required, False, "no ONNX artifact in this export")]
-    convs = k["int8"].get("QLinearConv", 0)
-    reason = f"{k['float_convs']} convolutions left in float" if k["float_convs"] else None
-    return [record(name, convs, k["model_convs"], convs == k["model_convs"] and not k["float_convs"], reason)]
+    convs, expected = k["int8"].get("QLinearConv", 0), len(k.get("float_layers", []))
+    reason = None
+    if k["float_convs"] != expected:
+        reason = f"{k['float_convs']} convolutions in float, {expected} expected"
+    elif expected:
+        reason = f"float by design: {', '.join(k['float_layers'])}"
+    return [record(name, convs, k["model_convs"], convs == k["model_convs"] and k["float_convs"] == expected, reason)]
 
 
 @gate("int8_accuracy_drop_max")
@@ -483,7 +488,8 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
     if onnx:
         ops = ort_op_counts(onnx, ort_config)
         report["ort_kernels"] = {"int8": int8_kernels(ops), "model_convs": count_convs(int8),
-                                 "float_convs": sum(ops.get(op, 0) for op in FLOAT_CONVS)}  # fmt: skip
+                                 "float_convs": sum(ops.get(op, 0) for op in FLOAT_CONVS),
+                                 "float_layers": list(ckpt[QUANTIZATION].get(FLOAT_LAYERS) or [])}  # fmt: skip
     if "executorch" in formats:  # recorded at lowering, in the sha256-checked manifest
         report["executorch_delegation"] = {**manifest["executorch"]["delegation"], "model_convs": count_convs(int8)}
     report["latency"] = _latency_grid(runners, folder, reference, grid, ort_config, ck.input_size(ckpt))

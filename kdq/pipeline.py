@@ -35,13 +35,15 @@ def run_pipeline(
     target: str | None = None,
     require_teacher_ahead: bool = False,
     flow: str | None = None,
+    max_drop: float | None = None,
 ) -> dict:
     """teacher -> baseline -> KD student -> QAT-KD student -> evaluation table -> certified int8 export.
 
     The QAT student is trained for the target's flow and backend (`export/<target>.toml`); without a target,
     `flow` (default: the preset's) and the preset's backend choose one from DEFAULT_TARGETS. Before
     distilling, the teacher's validation accuracy is compared with the baseline's: a teacher that is not ahead
-    is a loud warning, or with `require_teacher_ahead` an error.
+    is a loud warning, or with `require_teacher_ahead` an error. With `max_drop` (a fraction), the QAT student is
+    repaired (`kdq.repair`) into RUN/<qat stage>_repaired, and that is what is exported.
     """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -56,6 +58,9 @@ def run_pipeline(
     stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
     qat = qat_stage(target.flow, target.backend)
     stages[qat] = recipes.train_student(preset, run_dir, opts, stage=qat, qat=True, init=stages["student"])
+    exported = stages[qat]
+    if max_drop is not None:
+        exported = stages[f"{qat}_repaired"] = repaired_stage(stages[qat], max_drop, opts)
     eval_json = run_dir / recipes.EVALUATION_JSON
     if opts.resume and _newer_than(eval_json, stages.values()):
         print(f"[pipeline] {eval_json} is newer than every checkpoint: kept", file=sys.stderr)
@@ -66,13 +71,13 @@ def run_pipeline(
     # eager: export-x86 / export-qnnpack (by backend); pt2e: by target (export-x86-pt2e, export-mobile), so one run
     # holds both flows' exports side by side.
     out = run_dir / f"export-{target.backend if target.flow == 'eager' else target.name}"
-    report = existing_certificate(out, stages[qat], target) if opts.resume else None
+    report = existing_certificate(out, exported, target) if opts.resume else None
     if report is not None:
         print(f"[pipeline] {out} already certifies this checkpoint for {target.name}: kept", file=sys.stderr)
     else:
         try:
             report = export(
-                stages[qat],
+                exported,
                 out,
                 target,
                 data_dir=opts.data_dir,
@@ -90,6 +95,19 @@ def run_pipeline(
     click.echo(f"report -> {md} (self-contained: {page})")
     print(f"[pipeline] {preset.name} done in {time.perf_counter() - t0:.0f}s -> {run_dir}", file=sys.stderr)
     return results
+
+
+def repaired_stage(qat: Path, max_drop: float, opts: recipes.RunOptions) -> Path:
+    """RUN/<qat stage>_repaired/checkpoint.pt, kept on --resume when newer than the QAT checkpoint it repairs."""
+    from kdq.repair import repair
+
+    out = qat.parent.with_name(qat.parent.name + "_repaired") / qat.name
+    if opts.resume and _newer_than(out, [qat]):
+        print(f"[pipeline] {out} is newer than {qat}: kept", file=sys.stderr)
+        return out
+    if out.exists() and not (opts.overwrite or opts.resume):
+        raise KdqError(f"{out} exists; pass --overwrite (or --resume) to replace it")
+    return repair(qat, out, max_drop, opts.data_dir)[0]
 
 
 def default_target(flow: str, backend: str) -> str:

@@ -203,6 +203,58 @@ def biases_on_onnx_grid(model: nn.Module) -> nn.Module:
     return model
 
 
+FLOAT_LAYERS = "float_layers"  # quantization record: {layer: {"scale", "zero_point"}} computed in float (kdq.repair)
+
+
+class FloatIsland(nn.Module):
+    """One layer of an eager int8 model computed in float: dequantize its input, run the float layer (BN folded),
+    quantize its output onto its own grid. Downstream int8 layers read that grid from the tensor, as they read any
+    input's. TorchScript scripts it; the ONNX exporter writes DequantizeLinear, Mul, Conv, QuantizeLinear, and ONNX
+    Runtime runs a float Conv (the kernel gate expects exactly these).
+
+    Why the Mul: ONNX Runtime's WeightBiasQuantization pass turns a float Conv fed straight by a DequantizeLinear
+    into a QLinearConv with *per-tensor* int8 weights, coarser than the per-channel layer being repaired. Input x 2
+    into a conv with halved weights computes the same, exactly (powers of two), and keeps that pass away.
+    """
+
+    def __init__(self, layer: nn.Module, scale: float, zero_point: int):
+        super().__init__()
+        conv = layer[0] if isinstance(layer, nn.Sequential) else layer  # fused conv-relu: the conv comes first
+        with torch.no_grad():
+            conv.weight.mul_(0.5)
+        self.layer, self.scale, self.zero_point = layer, float(scale), int(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.quantize_per_tensor(self.layer(x.dequantize() * 2.0), self.scale, self.zero_point, torch.quint8)
+
+
+def float_layer(prepared: nn.Module, name: str) -> nn.Module:
+    """The float module of a prepared (QAT or observed) layer: BN folded into the conv, no fake-quant, no observer."""
+    module = prepared.get_submodule(name)
+    if hasattr(module, "to_float"):  # QAT: conv-bn(-relu) with frozen statistics folds into one float conv
+        return module.to_float().eval()
+    module = copy.deepcopy(module).eval()  # PTQ: already fused; drop the observer and its hook
+    module._forward_hooks.clear()
+    del module.activation_post_process
+    return module
+
+
+def replace_layer(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """Put `layer` at `name` in `model`; returns the module it replaced."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    setattr(owner, child, layer)
+    return old
+
+
+def with_float_layers(model: nn.Module, prepared: nn.Module, grids: dict[str, dict]) -> nn.Module:
+    """An eager int8 model with the layers of `grids` ({name: {"scale", "zero_point"}}) computed in float."""
+    for name, grid in grids.items():
+        replace_layer(model, name, FloatIsland(float_layer(prepared, name), grid["scale"], grid["zero_point"]))
+    return biases_on_onnx_grid(model)  # a layer after an island reads a new input scale: its bias grid moved
+
+
 class Pt2eFlow:
     """torch.export + torchao's prepare/convert (`kdq.pt2e`): backends x86 and xnnpack (ExecuTorch)."""
 
@@ -310,7 +362,9 @@ def int8_model(ckpt: dict[str, Any], path: Any = "checkpoint", engine: str | Non
 
     def convert() -> nn.Module:
         chosen = engine or quantized_engine(q["backend"])
-        return get_flow(q["flow"]).convert(prepared_from_checkpoint(ckpt, path), q["backend"], chosen)
+        prepared = prepared_from_checkpoint(ckpt, path)
+        model = get_flow(q["flow"]).convert(prepared, q["backend"], chosen)
+        return with_float_layers(model, prepared, q[FLOAT_LAYERS]) if q.get(FLOAT_LAYERS) else model
 
     if q["flow"] == "pt2e" and isinstance(path, Path) and path.is_file():
         from kdq.pt2e_export import cached_int8
