@@ -36,7 +36,8 @@ GATES = {
     "deviation of PyTorch's int8 logits (a model's logit scale varies: KD temperature, training), at most this",
     "ort_accuracy_delta_max": "ORT int8 and PyTorch int8 accuracies differ by at most this, either way (paired 95% "
     "interval; exact McNemar p recorded)",
-    "ort_int8_kernels": "every convolution of the model runs as an int8 kernel (QLinearConv) in ONNX Runtime",
+    "ort_int8_kernels": "every convolution runs as an int8 kernel (QLinearConv) in ONNX Runtime, except exactly the "
+    "layers a repair put in float (`quantization.float_layers`)",
     "pt2_identical": "torch.export (.pt2) int8 logits equal PyTorch int8 logits bit for bit",
     "executorch_flip_rate_max": "ExecuTorch int8's top-1 differs from PyTorch int8's on at most this fraction",
     "executorch_confident_margin": "not a gate: ExecuTorch's confident margin, in logit stds (default 0.5)",

@@ -6,15 +6,14 @@ Two flows (`FLOWS`), each a `Flow` with the same five methods, chosen per export
 - "pt2e" (`torch.export` + torchao, `kdq.pt2e`): converts to a Q/DQ graph; exports ONNX through the dynamo
   exporter, a `torch.export` program (.pt2) and ExecuTorch (.pte). Targets x86-pt2e and mobile.
 
-Why each default (side by side, same float student, README "Two quantization flows"; results/flows-demo.json
-and results/flows-fashion-mnist.json): on x86 both flows put every convolution in a QLinearConv in ONNX Runtime
-at the same accuracy and the same ORT speed (the demo: 0.77 vs 0.71 ms at batch 1). The PT2E flow's ONNX file
-computes closer to its PyTorch reference: on Fashion-MNIST's 10,000 test images its mean |logit difference| is
-0.010 logit std against eager's 0.026, and the eager x86 export *fails* its certificate there (top-1 agreement
-97.65% < 99%; 3 of 8,379 confident images flip) while x86-pt2e passes (99.26%, no confident flip). Eager stays
-the x86 default only because it alone ships a real int8 TorchScript file, which the C++ libtorch app runs (a
-PT2E .pt2 runs Q/DQ in float in PyTorch, ~45x slower than ORT at batch 1); for an ONNX Runtime deployment,
-choose x86-pt2e. Everything eager stands on is deprecated in torch 2.15 (pytorch/ao#2259), and
+Why each default (side by side, same float student, README "Two quantization flows"): on x86 both flows put
+every convolution in a QLinearConv in ONNX Runtime at the same accuracy and the same ORT speed. Eager is the x86
+default because it alone ships a real int8 TorchScript file, which the C++ libtorch app runs (a PT2E .pt2 runs
+Q/DQ in float in PyTorch, ~45x slower than ORT at batch 1). Its ONNX file used to drift from PyTorch int8 (2.34%
+of Fashion-MNIST's 10,000 test predictions flipped, and the certificate rejected it) because torch's legacy
+exporter truncates each bias to its int32 grid while PyTorch's kernels add it unrounded: `biases_on_onnx_grid`
+makes both add the same rounded bias, and the flips fell to 0.14% (results/certificates-fashion-mnist/).
+Everything eager stands on is deprecated in torch 2.15 (pytorch/ao#2259), and
 tests/test_pt2e.py fails loudly when torch drops it. For phones and boards the PT2E flow is the only one:
 ExecuTorch lowers only PT2E models, so `mobile` uses it.
 
@@ -169,9 +168,9 @@ def biases_on_onnx_grid(model: nn.Module) -> nn.Module:
 
     PyTorch's int8 kernels add the float bias as it is; ONNX's QLinearConv takes it in int32 accumulator units,
     and torch's legacy exporter converts it with a Cast, which *truncates* toward zero: up to one accumulator unit
-    lost on every output channel, the same sign for a whole channel. On Fashion-MNIST's student that rounded
-    enough outputs the other way, layer after layer, for ONNX Runtime to flip 2.34% of the 10,000 test
-    predictions against PyTorch int8 and fail the certificate (README "Why the eager export drifted"). Here each
+    lost on every output channel, the same sign for a whole channel, and 2 output LSB where a BN-folded channel's
+    accumulator unit is 1.97 LSB. On Fashion-MNIST's student ONNX Runtime flipped 2.34% of the 10,000 test
+    predictions against PyTorch int8, and the certificate rejected the export; with one bias, 0.14%. Here each
     bias becomes the nearest grid point, nudged by float32 ulps until the exporter's truncation lands on that same
     point: TorchScript and ONNX then add one bias, each rounded (not truncated) from the trained one.
     """

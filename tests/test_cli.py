@@ -128,27 +128,30 @@ def test_checkpoint_of_another_architecture_is_refused(smoke_run, tmp_path):
     assert result.exit_code == 1 and "weights do not fit mobilenet_v2" in result.output
 
 
-def test_pipeline_on_fashion_mnist_offline(tmp_path):
+def test_pipeline_on_fashion_mnist_offline_is_judged_by_the_real_gates(tmp_path):
     """`kdq pipeline --dataset fashion-mnist` from Debian's files, no network: the smoke recipe on a 600-image
-    subset; every model is evaluated and certified on all 10,000 test images; the teacher is compared with the
-    baseline before distilling."""
+    subset, every model evaluated on all 10,000 test images and the export judged by export/x86.toml's own gates
+    (without the timing ones: the CPU is shared; without the emulated AVX2 path: minutes on 10k images, and the
+    AVX2 identity has its own tests). Trained for seconds, its teacher stays at chance and the pipeline says so
+    before distilling; the KD student then loses whole classes in QAT (measured: Sandal 70 pt below the float
+    student), which the per-class gate proves on 1,000 images a class and refuses, while the runtimes agree with
+    each other: the int8 arithmetic is not what failed. The report is written all the same."""
     need_debian_fashion_mnist()
-    # The smoke target without the emulated AVX2 path (minutes on 10k images), and with the per-class and agreement
-    # gates opened: a model trained for seconds on 540 images has near-tied logits everywhere (measured: one class
-    # 70 pt below float, 94.6% agreement, hardly an image with a confident top-1); the gates themselves are tested
-    # on known answers (tests/test_statistics.py).
-    target = smoke_target("x86", tmp_path, paths=["exact"], class_drop_max=1.0, ort_flip_rate_max=0.2)
+    target = smoke_target("x86", tmp_path, paths=["exact"], real_gates=True)
     run = tmp_path / "run"
-    args = ["pipeline", "--preset", "smoke", "--dataset", "fashion-mnist", "--train-subset", "600", "--run-dir", run,
+    args = ["pipeline", "--preset", "smoke", "--dataset", "fashion-mnist", "--train-subset", 600, "--run-dir", run,
             "--data-dir", tmp_path / "empty", "--device", "cpu", "--latency-runs", "3", "--target", target]  # fmt: skip
     result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    assert "Teacher vs baseline" in result.output
+    assert result.exit_code == 1, result.output
+    assert "the teacher is NOT ahead" in result.output and "report: " in result.output
     ckpt = ck.load_checkpoint(run / "student_qat" / "checkpoint.pt")
     assert ckpt[ck.CLASSES][0] == "T-shirt/top" and ckpt[ck.PRESET]["train_subset"] == 600
-    history = json.loads((run / "student" / "history.json").read_text())
-    assert len(history) == 6
-    parity = json.loads((run / "export-x86" / "parity.json").read_text())
-    assert parity["test_samples"] == 10_000, parity.keys()
-    open_gates = {c["name"] for c in parity["checks"] if not c["passed"]}
-    assert parity["verdict"] != "rejected" and open_gates <= {"ort_confident_flip_rate"}, parity["checks"]
+    assert len(json.loads((run / "student" / "history.json").read_text())) == 6
+    parity = json.loads((run / "export-x86.rejected" / "parity.json").read_text())
+    assert parity["test_samples"] == 10_000 and parity["verdict"] == "rejected"
+    verdicts = {c["name"]: c["verdict"] for c in parity["checks"]}
+    assert verdicts["class_drop[onnxruntime_int8]"] == "fail", parity["checks"]
+    assert all(verdicts[g] != "fail" for g in verdicts if g.startswith(("ort_", "class_arithmetic", "torchscript"))), (
+        verdicts
+    )
+    assert (run / "report.md").is_file()
