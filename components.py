@@ -55,9 +55,6 @@ def _accept_podman_container_states() -> None:
 _accept_podman_container_states()
 
 DEFAULT_IMAGE = "localhost/kdq:latest"  # what `make image` builds; push it to your registry for clusters
-QAT_STAGE = "student_qat"  # where `kdq distill --qat` writes
-STAGES = ("teacher", "baseline", "student", QAT_STAGE)  # the trained stages of `kdq pipeline` (kdq/pipeline.py)
-CHECKPOINT = "checkpoint.pt"
 
 
 def _flags(**options: object) -> List[str]:
@@ -113,39 +110,15 @@ def _torchrun_command(role: specs.Role, kdq_argv: List[str]) -> str:
     return command + "".join(" " + _escape(a) for a in kdq_argv)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Step:
-    """One `kdq` command of a job."""
-
-    argv: List[str]
-    distributed: bool = True  # under torchrun when the job has more than one process
-    first_node_only: bool = False  # writes shared files: run it on replica 0 only
-    unless_exists: Optional[str] = None  # skip it when this file exists (a resumed or retried job)
-
-
-def _app(name: str, steps: List[_Step], image: str, j: str, cpu: int, gpu: int, memMB: int, h: Optional[str],
+def _app(name: str, argv: List[str], image: str, j: str, cpu: int, gpu: int, memMB: int, h: Optional[str],
          env: Optional[Dict[str, str]], max_retries: int, mounts: Optional[List[str]], rdzv_port: int,
          job_name: Optional[str]) -> specs.AppDef:  # fmt: skip
-    """One role running kdq steps in order: `kdq ARGS` in one process, `torchrun -m kdq.cli ARGS` in several."""
+    """One role running `kdq ARGV`: directly in one process, `torchrun -m kdq.cli ARGV` in several."""
     role = _ddp_role(name, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, job_name)
     app_name = job_name or f"kdq-{name}"
-    many = _nprocs(j) > 1
-    if len(steps) == 1 and not (many and steps[0].distributed):
-        # One plain process: no shell, no torchrun; the scheduler runs `kdq ...` itself.
-        return specs.AppDef(app_name, roles=[dataclasses.replace(role, entrypoint="kdq", args=list(steps[0].argv))])
-    commands = []
-    for step in steps:
-        if many and step.distributed:
-            command = _torchrun_command(role, step.argv)
-        else:
-            command = " ".join(_escape(a) for a in ["kdq", *step.argv])
-        if step.unless_exists:
-            command = f"[ -e {_escape(step.unless_exists)} ] || {command}"
-        if step.first_node_only and role.num_replicas > 1:
-            command = f'if [ "{specs.macros.replica_id}" = 0 ]; then {command}; fi'
-        commands.append(command)
-    script = commands[0] if len(commands) == 1 else "set -e; " + "; ".join(commands)
-    return specs.AppDef(app_name, roles=[dataclasses.replace(role, entrypoint="bash", args=["-c", script])])
+    if _nprocs(j) == 1:  # one plain process: no shell, no torchrun; the scheduler runs kdq
+        return specs.AppDef(app_name, roles=[dataclasses.replace(role, entrypoint="kdq", args=list(argv))])
+    return specs.AppDef(app_name, roles=[dataclasses.replace(role, args=["-c", _torchrun_command(role, argv)])])
 
 
 def teacher(
@@ -203,8 +176,7 @@ def teacher(
     """
     argv = ["teacher", *_recipe_flags(preset, recipe), *_flags(run_dir=run_dir, data_dir=data_dir, epochs=epochs)]
     argv += _flags(batch_size=batch_size, lr=lr, arch=arch, device=device, resume=resume, overwrite=overwrite)
-    steps = [_Step([*argv, *kdq_args])]
-    return _app("teacher", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)
+    return _app("teacher", [*argv, *kdq_args], image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)
 
 
 def distill(
@@ -271,8 +243,7 @@ def distill(
     argv += _flags(qat=qat)
     argv += _flags(epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha, temperature=temperature)
     argv += _flags(device=device, resume=resume, overwrite=overwrite)
-    steps = [_Step([*argv, *kdq_args])]
-    return _app("distill", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)
+    return _app("distill", [*argv, *kdq_args], image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)
 
 
 def export(
@@ -322,8 +293,7 @@ def export(
         raise ValueError(f"export runs in one process: use -j 1x1, not -j {j}")
     argv = ["export", checkpoint, *_flags(target=target, out=out, data_dir=data_dir)]
     argv += [*_flags(latency_runs=latency_runs, overwrite=overwrite), *([] if verify else ["--no-verify"]), *kdq_args]
-    steps = [_Step(argv, distributed=False)]
-    return _app("export", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, 29500, name)
+    return _app("export", argv, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, 29500, name)
 
 
 def pipeline(
@@ -343,24 +313,21 @@ def pipeline(
     recipe: Optional[str] = None,
     run_dir: Optional[str] = None,
     data_dir: Optional[str] = None,
-    teacher_epochs: Optional[int] = None,
-    epochs: Optional[int] = None,
-    qat_epochs: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    target: str = "x86",
-    backend: Optional[str] = None,
+    target: Optional[str] = None,
     device: Optional[str] = None,
     resume: bool = True,
     require_teacher_ahead: bool = False,
+    max_drop: Optional[float] = None,
 ) -> specs.AppDef:
     """
-    One job, the stages of `kdq pipeline`: teacher -> soft targets -> baseline -> KD student -> QAT-KD student
-    (from the KD student) -> evaluation -> certified export -> report (which states whether the teacher was ahead
-    of the baseline). Training steps use every process; the others run once, on the first node. With resume
-    (default), a retried job skips finished work.
+    One job, `kdq pipeline` itself: teacher -> baseline -> KD student -> QAT-KD student (for the target's flow and
+    backend) -> evaluation -> certified export -> report, the same code on a laptop, Slurm and Kubernetes. On
+    several processes it runs under torchrun: every process trains, rank 0 alone evaluates, exports and reports.
+    With resume (default) a retried or re-run job skips finished work. Epochs, batch sizes and learning rates are
+    the recipe's: `kdq recipe show --preset demo > my.toml` starts a file to pass as `recipe`.
 
     Args:
-        kdq_args: extra options for the student trainings (baseline, student, QAT), passed verbatim (after --)
+        kdq_args: more `kdq pipeline` options, verbatim (after --), e.g. --dataset fashion-mnist --train-subset 5000
         image: container image (local_docker, kubernetes); local_cwd and slurm run in the current directory
         j: {nnodes}x{nproc_per_node}, e.g. 1x1, 1x2, 2x1; more than one process runs torchrun (c10d rendezvous)
         cpu: CPUs per node
@@ -373,47 +340,18 @@ def pipeline(
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-pipeline)
         preset: kdq's built-in recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
-        recipe: a recipe file as the job sees it, instead of the preset (`kdq recipe show` starts one)
+        recipe: a recipe file as the job sees it, instead of the preset
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET or runs/RECIPE)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
-        teacher_epochs: teacher epochs (None: the preset's)
-        epochs: baseline and student epochs (None: the preset's)
-        qat_epochs: QAT epochs (None: the preset's)
-        batch_size: global batch size of every training (None: the preset's)
-        target: export target (export/TARGET.toml), e.g. x86, arm
-        backend: int8 kernels QAT trains for (None: qnnpack for the arm target, else x86)
+        target: export target (export/TARGET.toml: x86, arm, x86-pt2e, mobile, or a .toml path); QAT trains for
+            its flow and backend (None: the recipe's, x86)
         device: auto, cpu, cuda (None: auto)
         resume: skip or continue finished stages (a retried job picks up where it stopped)
         require_teacher_ahead: stop before the KD student unless the teacher beat the baseline on validation
+        max_drop: accuracy points int8 may lose against float on validation images; beyond, repair (eager flow)
     """
     root = run_dir or f"runs/{Path(recipe).stem if recipe else preset}"
-    run = [*_recipe_flags(preset, recipe), *_flags(run_dir=root, data_dir=data_dir)]
-    common = _flags(batch_size=batch_size, device=device, resume=resume)
-    backend = backend or ("qnnpack" if target == "arm" else "x86")
-    checkpoints = [f"{root}/{stage}/{CHECKPOINT}" for stage in STAGES]
-    steps = [
-        _Step(["teacher", *run, *_flags(epochs=teacher_epochs), *common]),
-        # `kdq soft-targets` refuses to overwrite: a resumed job skips it when the file is there (a stale one,
-        # made by another teacher, is recomputed by the student training itself).
-        _Step(["soft-targets", *run, *_flags(device=device)], False, True, unless_exists=f"{root}/soft_targets.pt"),
-        _Step(["baseline", *run, *_flags(epochs=epochs), *common, *kdq_args]),
-        _Step(
-            ["distill", *run, *_flags(epochs=epochs, require_teacher_ahead=require_teacher_ahead), *common, *kdq_args]
-        ),  # fmt: skip
-        _Step(
-            [
-                "distill",
-                *run,
-                *_flags(qat=True, init=checkpoints[2], backend=backend, epochs=qat_epochs),
-                *common,
-                *kdq_args,
-            ]
-        ),  # fmt: skip
-        # The students may have been (re)trained in this job: evaluate and export afresh.
-        _Step(
-            ["evaluate", *checkpoints, *_flags(data_dir=data_dir, out=f"{root}/evaluation_results.json")], False, True
-        ),  # fmt: skip
-        _Step(["export", checkpoints[3], *_flags(target=target, data_dir=data_dir, overwrite=True)], False, True),
-        _Step(["report", root], False, True),
-    ]
-    return _app("pipeline", steps, image, j, cpu, gpu, memMB, h, env, max_retries, mounts, rdzv_port, name)
+    argv = ["pipeline", *_recipe_flags(preset, recipe), *_flags(run_dir=root, data_dir=data_dir, target=target,
+            device=device, resume=resume, require_teacher_ahead=require_teacher_ahead, max_drop=max_drop)]  # fmt: skip
+    return _app("pipeline", [*argv, *kdq_args], image, j, cpu, gpu, memMB, h, env, max_retries, mounts,
+                rdzv_port, name)  # fmt: skip

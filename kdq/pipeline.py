@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import click
+import torch
 
 from kdq import recipes
 from kdq.artifacts import ExportError, load_target
@@ -18,7 +19,7 @@ from kdq.export import existing_certificate, export
 from kdq.parity import format_report
 from kdq.quant import get_flow
 from kdq.report import teacher_lead, teacher_lead_sentence, write_report
-from kdq.train import HISTORY_JSON
+from kdq.train import HISTORY_JSON, Runtime, setup_runtime
 
 # The default export target of each (flow, backend): the QAT stage is trained for the target's flow and backend.
 DEFAULT_TARGETS = {("eager", "x86"): "x86", ("eager", "qnnpack"): "arm", ("pt2e", "x86"): "x86-pt2e",
@@ -39,6 +40,9 @@ def run_pipeline(
 ) -> dict:
     """teacher -> baseline -> KD student -> QAT-KD student -> evaluation table -> certified int8 export.
 
+    Under torchrun (the TorchX `pipeline` component on several processes or nodes) every process trains; the
+    evaluation, the repair, the export and the report run on rank 0 alone, and the other ranks return {}.
+
     The QAT student is trained for the target's flow and backend (`export/<target>.toml`); without a target,
     `flow` (default: the preset's) and the preset's backend choose one from DEFAULT_TARGETS. Before
     distilling, the teacher's validation accuracy is compared with the baseline's: a teacher that is not ahead
@@ -52,12 +56,16 @@ def run_pipeline(
         raise KdqError(f"target {target.name!r} is exported from the {target.flow} flow, not {flow}: drop --flow")
     preset = with_overrides(preset, quant=with_overrides(preset.quant, backend=target.backend, flow=target.flow))
     get_flow(target.flow).check_available(target.backend)  # a missing ExecuTorch fails before training
+    rt = setup_runtime(opts.device)
     stages = {"teacher": recipes.train_teacher(preset, run_dir, opts)}
     stages["baseline"] = recipes.train_student(with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline")
+    _barrier(rt)  # every rank reads the histories rank 0 wrote
     check_teacher_ahead(run_dir, require_teacher_ahead)
     stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
     qat = qat_stage(target.flow, target.backend)
     stages[qat] = recipes.train_student(preset, run_dir, opts, stage=qat, qat=True, init=stages["student"])
+    if not rt.is_main:  # under torchrun: the trainings used every process; the rest runs once, on rank 0
+        return {}
     exported = stages[qat]
     if max_drop is not None:
         exported = stages[f"{qat}_repaired"] = repaired_stage(stages[qat], max_drop, opts)
@@ -108,6 +116,11 @@ def repaired_stage(qat: Path, max_drop: float, opts: recipes.RunOptions) -> Path
     if out.exists() and not (opts.overwrite or opts.resume):
         raise KdqError(f"{out} exists; pass --overwrite (or --resume) to replace it")
     return repair(qat, out, max_drop, opts.data_dir)[0]
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        torch.distributed.barrier()
 
 
 def default_target(flow: str, backend: str) -> str:

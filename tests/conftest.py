@@ -77,29 +77,22 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def torchx_pipeline(run_dir: Path, log_dir: Path, *options: str) -> str:
+    """`torchx run -s local_cwd components.py:pipeline --preset smoke --run_dir RUN_DIR OPTIONS` from the repo root,
+    as a user types it: the TorchX job runs `kdq pipeline` itself. Returns the job's output (TorchX's and kdq's)."""
+    from tests.launch_support import REPO, VENV_BIN, run
+
+    argv = [VENV_BIN / "torchx", "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}", "components.py:pipeline",
+            "--preset", "smoke", "--run_dir", run_dir, "--device", "cpu", *options]  # fmt: skip
+    out = run(argv, cwd=REPO, timeout=1200).stdout
+    assert "Job finished: SUCCEEDED" in out, out[-3000:]
+    return out + "".join(p.read_text(errors="replace") for p in sorted(Path(log_dir).rglob("*.log")))
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
-    """`kdq pipeline --preset smoke` once per session (a minute of training on the digits); returns RUN."""
-    from click.testing import CliRunner
-
-    from kdq.cli import main
-
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = CliRunner().invoke(
-        main,
-        [
-            "pipeline",
-            "--preset",
-            "smoke",
-            "--run-dir",
-            str(run_dir),
-            "--device",
-            "cpu",
-            "--latency-runs",
-            "3",
-            "--target",
-            str(SMOKE_TARGET),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    return run_dir
+    """The TorchX pipeline job on the smoke recipe, once per session (a minute of training on the digits), from
+    scratch; every test of the artifacts reads its run. Returns RUN."""
+    root = tmp_path_factory.mktemp("smoke")
+    torchx_pipeline(root / "run", root / "logs", "--target", str(SMOKE_TARGET), "--", "--latency-runs", "3")
+    return root / "run"

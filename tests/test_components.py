@@ -55,15 +55,13 @@ def test_one_process_runs_kdq_itself():
 def test_a_recipe_file_replaces_the_preset():
     assert components.teacher(recipe="/cfg/my.toml").roles[0].args[:3] == ["teacher", "--recipe", "/cfg/my.toml"]
     assert components.distill(recipe="/cfg/my.toml").roles[0].args[:3] == ["distill", "--recipe", "/cfg/my.toml"]
-    script = components.pipeline(recipe="/cfg/my.toml").roles[0].args[1]
-    assert "--preset" not in script and script.count("--recipe /cfg/my.toml --run-dir runs/my") == 5
-    assert "kdq report runs/my" in script
+    args = components.pipeline(recipe="/cfg/my.toml").roles[0].args
+    assert args[:5] == ["pipeline", "--recipe", "/cfg/my.toml", "--run-dir", "runs/my"] and "--preset" not in args
 
 
 def test_qat_is_forwarded_by_default_and_can_be_turned_off():
     assert "--qat" in components.distill().roles[0].args
     assert "--qat" not in components.distill(qat=False).roles[0].args
-    assert "--qat" in components.pipeline().roles[0].args[1]
 
 
 @pytest.mark.parametrize("j, nnodes, nproc", [("1x2", 1, 2), ("2x1", 2, 1), ("2x2", 2, 2), ("4", 1, 4)])
@@ -118,32 +116,20 @@ def test_export_is_one_process():
         components.export("ckpt.pt", j="1x2")
 
 
-def _trained_stages(script: str) -> list[str]:
-    """The stage each training command of a job script writes, as `kdq` names them (RUN/<stage>/)."""
-    stages = []
-    for command in re.findall(r"kdq(?:\.cli)? (teacher|baseline|distill)((?: [^;]*)?)", script):
-        name, args = command
-        stages.append("student_qat" if name == "distill" and "--qat" in args else
-                      "student" if name == "distill" else name)  # fmt: skip
-    return stages
-
-
-def test_pipeline_runs_the_stages_of_kdq_pipeline_and_writes_shared_files_once():
-    from kdq.pipeline import STAGES
-
-    script = components.pipeline(run_dir="/runs/x", epochs=2, teacher_epochs=3).roles[0].args[1]
-    assert _trained_stages(script) == list(STAGES)  # the float student exists: QAT starts from it, not at random
-    steps = [m.group(1) for m in re.finditer(r"kdq (teacher|soft-targets|baseline|distill|evaluate|export|report)",
-                                             script)]  # fmt: skip
-    assert steps == ["teacher", "soft-targets", "baseline", "distill", "distill", "evaluate", "export", "report"]
-    assert script.startswith("set -e;") and "--resume" in script
-    assert "[ -e /runs/x/soft_targets.pt ] || kdq soft-targets" in script
-    assert "--qat --init /runs/x/student/checkpoint.pt --backend x86" in script  # the float reference
-    assert "kdq export /runs/x/student_qat/checkpoint.pt --target x86 --overwrite" in script
-    assert "--backend qnnpack" in components.pipeline(target="arm").roles[0].args[1]  # QAT for ARM's kernels
-    multi = components.pipeline(j="2x1").roles[0].args[1]
-    assert multi.count("torchrun ") == 4  # the trainings use every node
-    assert multi.count('if [ "${replica_id}" = 0 ]') == 4  # soft targets, evaluation, export, report: first only
+def test_pipeline_is_kdq_pipeline_itself():
+    """One code path for the laptop, Slurm and Kubernetes: the job runs `kdq pipeline`, whose flow and backend
+    come from the target (a PT2E target trains a PT2E QAT student), resuming by default; several processes run
+    it under torchrun (rank 0 alone evaluates, exports and reports: kdq/pipeline.py)."""
+    role = components.pipeline(run_dir="/runs/x", target="mobile", max_drop=0.5).roles[0]
+    assert role.entrypoint == "kdq"
+    assert role.args == ["pipeline", "--preset", "demo", "--run-dir", "/runs/x", "--target", "mobile", "--resume",
+                         "--max-drop", "0.5"]  # fmt: skip
+    assert "--resume" not in components.pipeline(resume=False).roles[0].args
+    extra = components.pipeline("--dataset", "fashion-mnist", "--train-subset", "5000").roles[0].args
+    assert extra[-4:] == ["--dataset", "fashion-mnist", "--train-subset", "5000"]
+    multi = components.pipeline(j="2x1").roles[0]
+    assert multi.entrypoint == "bash" and multi.args[1].startswith("torchrun ")
+    assert multi.args[1].endswith("-m kdq.cli pipeline --preset demo --run-dir runs/demo --resume")
 
 
 # ---------------------------------------------------------------------------------------------- real runs
@@ -151,6 +137,23 @@ def _torchx_run(cwd: Path, *args: str, timeout: float = 900) -> str:
     out = run([VENV_BIN / "torchx", "run", *args], cwd=cwd, timeout=timeout).stdout
     assert "Job finished: SUCCEEDED" in out, out[-3000:]
     return out
+
+
+def test_the_pipeline_job_run_again_resumes_and_keeps_every_stage(smoke_run, tmp_path):
+    """The session's smoke run is the TorchX pipeline job (tests/conftest.py); the same job again on its run
+    directory (a re-run, or a retry with max_retries) keeps every trained stage, the evaluation and the certified
+    export, and succeeds: it used to fail at `kdq evaluate`, which refused to overwrite its results."""
+    import shutil
+
+    from tests.conftest import torchx_pipeline
+    from tests.targets import SMOKE_TARGET
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    out = torchx_pipeline(run_dir, tmp_path / "logs", "--target", str(SMOKE_TARGET), "--", "--latency-runs", "3")
+    assert " epoch " not in out, out[-3000:]  # no stage trained again
+    assert "evaluation_results.json is newer than every checkpoint: kept" in out
+    assert "already certifies this checkpoint" in out
 
 
 class FakeContainer:

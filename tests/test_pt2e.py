@@ -20,6 +20,7 @@ from kdq.artifacts import ARTIFACTS, ExportError, load_target, sha256
 from kdq.cli import main
 from kdq.models import build_model
 from kdq.quant import get_flow, int8_model
+from tests.conftest import torchx_pipeline
 from tests.targets import smoke_target
 
 TESTS = Path(__file__).parent
@@ -171,8 +172,9 @@ def test_converted_model_is_cached_beside_the_checkpoint_and_checked(x86_pt2e, t
 
 @pytest.fixture(scope="module")
 def mobile_run(smoke_run, tmp_path_factory):
-    """`kdq pipeline --flow pt2e --target mobile --resume` on a copy of the smoke run: the float stages are kept,
-    the PT2E QAT student (XNNPACK quantizer) trains, and the .pte is certified (gates for a seconds-trained model)."""
+    """The TorchX pipeline job with a mobile target on a copy of the smoke run (it resumes): the float stages are
+    kept, the PT2E QAT student (XNNPACK quantizer) trains, since the target's flow is PT2E, and the .pte is
+    certified (gates for a seconds-trained model)."""
     run_dir = tmp_path_factory.mktemp("mobile") / "run"
     shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("student_qat", "export-*"))
     gates = {
@@ -182,17 +184,15 @@ def mobile_run(smoke_run, tmp_path_factory):
         "accuracy_delta_max": 0.04,
     }  # tests/smoke-target.toml's, for ExecuTorch
     target = smoke_target("mobile", run_dir.parent, **{f"executorch_{k}": v for k, v in gates.items()})
-    argv = ["pipeline", "--preset", "smoke", "--run-dir", str(run_dir), "--device", "cpu", "--resume",
-            "--flow", "pt2e", "--target", str(target), "--latency-runs", "3"]  # fmt: skip
-    result = CliRunner().invoke(main, argv)
-    assert result.exit_code == 0, result.output
-    return run_dir, result.output
+    output = torchx_pipeline(run_dir, run_dir.parent / "logs", "--target", str(target), "--", "--latency-runs", "3")
+    return run_dir, output
 
 
 def test_pipeline_pt2e_mobile_certifies_an_executorch_program(mobile_run):
     run_dir, output = mobile_run
     out = run_dir / "export-mobile-smoke"
-    assert "[teacher] " in output or (run_dir / "teacher").is_dir()
+    assert "[teacher] epoch" not in output and "[student] epoch" not in output  # the float stages were kept ...
+    assert "[student_qat_pt2e_xnnpack] epoch 3/3" in output  # ... the PT2E QAT student was
     qat = ck.load_checkpoint(run_dir / "student_qat_pt2e_xnnpack" / "checkpoint.pt")
     assert qat["quantization"]["flow"] == "pt2e" and qat["quantization"]["backend"] == "xnnpack"
     report = json.loads((out / "parity.json").read_text())

@@ -6,6 +6,7 @@ checked and every daemon is stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -66,3 +67,27 @@ def test_distill_2x1_on_slurm(slurm, tmp_path):
 
     listing = torchx(slurm, tmp_path, "list", "-s", "slurm").stdout
     assert handle.rsplit("/", 1)[1] in listing, listing
+
+
+def test_pipeline_2x1_on_slurm_exports_once_from_rank_0(slurm, smoke_run, tmp_path):
+    """The TorchX pipeline job on two Slurm nodes, resuming a copy of the smoke run without its evaluation and
+    export: both ranks meet (c10d) and load the finished stages, rank 0 alone evaluates, exports and reports, and
+    rank 1 returns: one certified export, one report."""
+    import shutil
+
+    from tests.targets import SMOKE_TARGET
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("export-*", "evaluation_results.json", "report*"))
+    out = torchx(
+        slurm, tmp_path, "run", "-s", "slurm", "-cfg", "time=15", "--wait",
+        f"{REPO}/components.py:pipeline", "-j", "2x1", "--cpu", "1", "--memMB", "3000", "--preset", "smoke",
+        "--run_dir", str(run_dir), "--device", "cpu", "--target", str(SMOKE_TARGET), "--", "--latency-runs", "3",
+        timeout=900,
+    ).stdout  # fmt: skip
+    assert "Job finished: SUCCEEDED" in out, out[-3000:]
+    handle = re.search(r"slurm://torchx/\d+", out).group(0)
+    logs = torchx(slurm, tmp_path, "log", "--streams", "stderr", f"{handle}/pipeline").stdout
+    assert logs.count("[pipeline] smoke done") == 1, logs[-3000:]  # rank 0 only: rank 1 returned after training
+    assert json.loads((run_dir / "export-x86" / "parity.json").read_text())["verdict"] == "certified"
+    assert (run_dir / "report.md").is_file()
