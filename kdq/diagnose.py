@@ -87,6 +87,15 @@ def island_grid(model: nn.Module, prepared: nn.Module, name: str, calibration: t
     return {"scale": float(scale), "zero_point": int(zero_point)}
 
 
+def put_in_float(
+    model: nn.Module, prepared: nn.Module, name: str, calibration: torch.Tensor, scheme
+) -> tuple[dict, nn.Module]:
+    """Compute layer `name` of int8 `model` in float, in place (a `FloatIsland` on its recalibrated grid).
+    Returns (its grid, the int8 module it replaced)."""
+    grid = island_grid(model, prepared, name, calibration, scheme)
+    return grid, replace_layer(model, name, FloatIsland(float_layer(prepared, name), **grid))
+
+
 def sensitivity(
     ckpt: dict[str, Any], x: torch.Tensor, labels: torch.Tensor, calibration: torch.Tensor
 ) -> tuple[dict, list[dict]]:
@@ -98,8 +107,7 @@ def sensitivity(
     base = sqnr_db(reference, quantized)
     rows = []
     for name, layer in int8_convolutions(model).items():
-        grid = island_grid(model, prepared, name, calibration, checkpoint_scheme(ckpt))
-        replace_layer(model, name, FloatIsland(float_layer(prepared, name), **grid))
+        put_in_float(model, prepared, name, calibration, checkpoint_scheme(ckpt))
         out = logits(model, x)
         replace_layer(model, name, layer)
         rows.append({

@@ -20,18 +20,15 @@ from typing import Any
 import torch
 
 from kdq import checkpoint as ck
-from kdq.diagnose import SAMPLES, float_forward, island_grid, logits, sensitivity, slices
+from kdq.diagnose import SAMPLES, float_forward, logits, put_in_float, sensitivity, slices
 from kdq.errors import KdqError
 from kdq.quant import (
     FLOAT_LAYERS,
     QUANTIZATION,
-    FloatIsland,
     checkpoint_scheme,
-    float_layer,
     float_reference,
     int8_model,
     prepared_from_checkpoint,
-    replace_layer,
 )
 
 REPAIR = "repair"  # quantization record: how the float layers were chosen
@@ -73,8 +70,7 @@ def repair(
                 "allow a larger drop)"
             )
         name = candidates.pop(0)
-        grids[name] = island_grid(model, prepared, name, calibration, checkpoint_scheme(ckpt))
-        replace_layer(model, name, FloatIsland(float_layer(prepared, name), **grids[name]))
+        grids[name], _ = put_in_float(model, prepared, name, calibration, checkpoint_scheme(ckpt))
         steps.append({"float_layers": list(grids), "accuracy": accuracy(logits(model, x), labels)})
         print(f"[repair] {name} in float: validation accuracy {steps[-1]['accuracy']:.2%} "
               f"(float {float_accuracy:.2%})", file=sys.stderr)  # fmt: skip
