@@ -151,7 +151,8 @@ def test_the_pipeline_job_run_again_resumes_and_keeps_every_stage(smoke_run, tmp
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run, run_dir)
     out = torchx_pipeline(run_dir, tmp_path / "logs", "--target", str(SMOKE_TARGET), "--", "--latency-runs", "3")
-    assert " epoch " not in out, out[-3000:]  # no stage trained again
+    assert not re.search(r"\] epoch \d+/\d+", out), out[-3000:]  # no stage trained again ...
+    assert all(f"[{stage}] resuming" in out for stage in ("teacher", "baseline", "student", "student_qat")), out[-3000:]
     assert "evaluation_results.json is newer than every checkpoint: kept" in out
     assert "already certifies this checkpoint" in out
 
