@@ -104,10 +104,17 @@ def test_a_gate_without_its_inputs_fails_with_the_reason():
 
 
 def test_int8_kernel_gate_counts_every_convolution():
+    """Every convolution a QLinearConv, except exactly the layers a repair put in float (kdq.repair)."""
     one_float = report(ort_kernels={"int8": {"QLinearConv": 51}, "model_convs": 52, "float_convs": 1})
     (check,) = check_gates(one_float, {"ort_int8_kernels": True})
-    assert not check["passed"] and "1 convolutions left in float" in check["reason"]
+    assert not check["passed"] and "1 convolutions in float, 0 expected" in check["reason"]
     assert check_gates(report(), {"ort_int8_kernels": True})[0]["passed"]
+    repaired = {"int8": {"QLinearConv": 51}, "model_convs": 51, "float_convs": 1, "float_layers": ["features.4"]}
+    (check,) = check_gates(report(ort_kernels=repaired), {"ort_int8_kernels": True})
+    assert check["passed"] and check["reason"] == "float by design: features.4"
+    requantized = {**repaired, "int8": {"QLinearConv": 52}, "float_convs": 0}  # ONNX Runtime quantized it anyway
+    (check,) = check_gates(report(ort_kernels=requantized), {"ort_int8_kernels": True})
+    assert not check["passed"] and "0 convolutions in float, 1 expected" in check["reason"]
 
 
 def rows(int8: list[float], fp32: list[float], threads: int = 1) -> list[dict]:

@@ -24,6 +24,7 @@ from kdq.data import load_digits, split_validation
 from kdq.models import build_model
 from kdq.parity import main as parity_main
 from kdq.presets import get_preset
+from kdq.recipes import RunOptions, quantize_static
 
 SMOKE = ["--preset", "smoke", "--width", "0.35", "--device", "cpu"]  # a student command
 SMOKE_T = ["--preset", "smoke", "--device", "cpu"]  # a teacher command
@@ -436,13 +437,15 @@ def test_a_target_file_that_says_what_kdq_would_not_do(ws, tmp_path):
 
 
 def test_diagnose_what_it_cannot_diagnose(ws, tmp_path):
-    """Row 45: a float checkpoint, a PTQ checkpoint (sensitivity toggles QAT fake-quant), a folder that is no export."""
+    """Row 45: a float checkpoint, a PT2E checkpoint (a float layer is a module swap: eager only), a folder that is
+    no export."""
     run = ws / "run"
+    pt2e = quantize_static(run / "baseline" / "checkpoint.pt", tmp_path / "pt2e.pt", RunOptions(), batches=2,
+                           flow="pt2e")  # fmt: skip
     for source, message in (
         (run / "baseline" / "checkpoint.pt", f"{run / 'baseline' / 'checkpoint.pt'} is a float checkpoint: nothing "
                                              "quantized to diagnose"),
-        (run / "baseline_ptq" / "checkpoint.pt", "diagnose: layer sensitivity needs an eager QAT checkpoint "
-                                                 "(`kdq distill --qat`) for now"),
+        (pt2e, "diagnose: layer sensitivity needs an eager-flow checkpoint (PT2E graphs: not yet)"),
         (run, f"{run}: no manifest.json: not an export folder"),
     ):  # fmt: skip
         fails(["diagnose", source, "--out", tmp_path / "d"], message, tmp_path, ws)
