@@ -37,6 +37,7 @@ from kdq.quant import (
     checkpoint_scheme,
     float_layer,
     float_reference,
+    int8_convolutions,
     int8_model,
     prepared_from_checkpoint,
     qat_float_forward,
@@ -122,11 +123,6 @@ def sensitivity(
                "accuracy_float": float((reference.argmax(1) == labels).float().mean()),
                "agreement": float((quantized.argmax(1) == reference.argmax(1)).float().mean())}  # fmt: skip
     return summary, rows
-
-
-def int8_convolutions(model: nn.Module) -> dict[str, nn.Module]:
-    """An eager int8 model's quantized convolutions (fused conv-relu counts once), in execution order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
 
 
 def divergence(ckpt: dict[str, Any], checkpoint: Path, onnx_path: Path, x: torch.Tensor, config: dict) -> list[dict]:

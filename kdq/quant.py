@@ -163,6 +163,11 @@ class EagerFlow:
             return biases_on_onnx_grid(tq.convert(copy.deepcopy(prepared).eval().cpu()))
 
 
+def int8_convolutions(model: nn.Module) -> dict[str, nn.Module]:
+    """An eager int8 model's quantized convolutions (fused conv-relu counts once), in execution order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
+
+
 TIE_BREAK = 0.01  # of an accumulator unit: see biases_on_onnx_grid
 
 
@@ -179,7 +184,7 @@ def biases_on_onnx_grid(model: nn.Module) -> nn.Module:
     exporter's truncation lands on that same point: TorchScript and ONNX then add the same rounded (not truncated)
     bias, to within 1/100 of a unit.
     """
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
+    convs = int8_convolutions(model)
     input_scales: dict[str, float] = {}
     hooks = [m.register_forward_hook(lambda _, i, o, n=n: input_scales.__setitem__(n, i[0].q_scale()))
              for n, m in convs.items()]  # fmt: skip
