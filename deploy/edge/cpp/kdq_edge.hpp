@@ -304,6 +304,9 @@ struct Manifest {
   // ONNX Runtime session config entries the export was certified with (target.onnxruntime_config), e.g. the
   // arm target's exact int8 kernels: a session without them may compute different logits.
   std::map<std::string, std::string> onnxruntime_config;
+  // The `kdq export` certificate's verdict: certified, rejected, not proven; "none" when exported with --no-verify.
+  // Only a certified export runs unless --allow-uncertified (run_app).
+  std::string verdict = "none", certificate_file = "parity.json";
   struct Artifact {
     std::string file, sha256;
     long long bytes = -1;
@@ -366,6 +369,12 @@ inline Manifest load_manifest(const std::string& model) {
     if (const Json* q = j.find("quantization"); q && q->find("backend")) m.backend = q->at("backend").str();
     if (const Json* t = j.find("target"); t && t->find("onnxruntime_config"))
       for (const auto& kv : t->at("onnxruntime_config").object) m.onnxruntime_config[kv.first] = kv.second.str();
+    if (const Json* c = j.find("certificate"); c && c->type == Json::Type::Object) {
+      if (const Json* v = c->find("verdict")) m.verdict = v->str();
+      else m.verdict = c->find("passed") && c->at("passed").type == Json::Type::Bool && c->at("passed").boolean
+                           ? "certified" : "rejected";  // format-1 certificates: only "passed"
+      if (const Json* f = c->find("file")) m.certificate_file = f->str();
+    }
     for (const auto& kv : j.at("artifacts").object) {
       Manifest::Artifact a;
       a.file = kv.second.at("file").str();
@@ -639,7 +648,7 @@ struct Options {
   std::string model;
   std::vector<std::string> images;
   int top_k = 5, threads = 1, bench = 0, warmup = 20;
-  bool json = false, logits = false;
+  bool json = false, logits = false, allow_uncertified = false;
   std::string dump_input;  // write the preprocessed float32 tensor of the first image here (for tests)
 };
 
@@ -657,6 +666,8 @@ inline std::string usage(const std::string& prog, const std::string& runtime) {
          "  --threads N      intra-op threads (default 1)\n"
          "  --bench RUNS     then time RUNS batch-1 inferences on the first image (median ms)\n"
          "  --dump-input F   write the first image's preprocessed float32 tensor (1x3xHxW) to F\n"
+         "  --allow-uncertified  run an export whose certificate did not pass (rejected, not proven, --no-verify);\n"
+         "                   by default only a certified export runs (`kdq-edge info` shows its gates)\n"
          "\nConvert other formats with `kdq-edge to-ppm IMAGE OUT.ppm`.\n"
          "Exit status: 0 ok; 1 an image could not be used; 2 usage; 3 the model cannot be loaded.\n";
 }
@@ -686,6 +697,7 @@ inline Options parse_args(int argc, char** argv, const std::string& runtime) {
     else if (a == "--dump-input") o.dump_input = need(i);
     else if (a == "--json") o.json = true;
     else if (a == "--logits") o.logits = true;
+    else if (a == "--allow-uncertified") o.allow_uncertified = true;
     else if (a.size() > 1 && a[0] == '-') throw UsageError("unknown option " + a);
     else o.images.push_back(a);
   }
@@ -731,6 +743,14 @@ inline int run_app(int argc, char** argv, const std::string& runtime, const std:
   Runner run;
   try {
     m = load_manifest(o.model);
+    if (m.verdict != "certified" && !o.allow_uncertified)
+      throw ModelError(m.folder + ": refusing to run an uncertified export: " +
+                       (m.verdict == "none" ? std::string("it was exported without a certificate (--no-verify)")
+                                            : "its certificate is " + m.verdict + " (see " + m.folder + "/" +
+                                                  m.certificate_file + ")") +
+                       "; pass --allow-uncertified to run it anyway");
+    if (m.verdict != "certified")
+      std::cerr << prog << ": warning: running an uncertified export (verdict: " << m.verdict << ")\n";
     std::string artifact = verified_artifact(m, fmt);
     run = loader(m, artifact, o.threads);
   } catch (const ModelError& e) {

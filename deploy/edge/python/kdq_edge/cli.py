@@ -7,8 +7,11 @@ Examples:
   kdq-edge to-ppm cat.png cat.ppm             # for the C++ apps (deploy/edge/cpp)
   kdq-edge bench --model export-x86 --threads 1
 
+Only a certified export runs: one whose `kdq export` certificate passed every gate (`info` shows them).
+A rejected or not-proven export, or one exported with --no-verify, needs --allow-uncertified.
+
 Exit status: 0 all images classified; 1 some images could not be used (the others are still printed);
-2 usage error; 3 the model cannot be loaded (no manifest, sha256 mismatch, ...).
+2 usage error; 3 the model cannot be loaded (no manifest, sha256 mismatch, uncertified, ...).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from PIL import Image
 from kdq_edge import __version__
 from kdq_edge.errors import EdgeError, ImageError
 from kdq_edge.image import ALPHA_POLICIES, load_image, write_ppm
-from kdq_edge.manifest import load_manifest, verified_bytes
+from kdq_edge.manifest import CERTIFIED, Manifest, load_manifest, verified_bytes
 from kdq_edge.model import FORMATS, EdgeModel, Result
 
 EXIT_OK, EXIT_IMAGES, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
@@ -67,6 +70,14 @@ class Progress:
         sys.stderr.flush()
 
 
+def open_model(args: argparse.Namespace) -> EdgeModel:
+    """The export of --model, refused if uncertified unless --allow-uncertified (then a warning on stderr)."""
+    manifest = load_manifest(args.model)
+    if args.allow_uncertified and manifest.verdict != CERTIFIED:
+        print(f"kdq-edge: warning: running an uncertified export (verdict: {manifest.verdict})", file=sys.stderr)
+    return EdgeModel(manifest, threads=args.threads, fmt=args.format, allow_uncertified=args.allow_uncertified)
+
+
 def print_text(result: Result) -> None:
     note = "" if result.mode == "RGB" else f"  (converted from {result.mode})"
     print(f"{result.path}{note}")
@@ -79,7 +90,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if not paths:
         print(f"kdq-edge: error: no image files in {' '.join(args.images)}", file=sys.stderr)
         return EXIT_IMAGES
-    model = EdgeModel(load_manifest(args.model), threads=args.threads, fmt=args.format)
+    model = open_model(args)
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress = Progress(len(paths), show)
     results, errors = [], []
@@ -126,7 +137,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     quant = raw.get("quantization", {})
     if quant:
         print(f"quantization   {quant.get('backend', '?')} ({quant.get('flow', quant.get('method', '?'))})")
+    print_certificate(m)
     return EXIT_OK
+
+
+def print_certificate(m: Manifest) -> None:
+    """The verdict, the CPU class it was measured on, and every gate's result from the certificate's report."""
+    cert, refused = m.certificate, " (classify and bench refuse it without --allow-uncertified)"
+    if not cert:
+        print(f"certificate    none: exported with --no-verify{refused}")
+        return
+    where = cert.get("measured_on", {})
+    isa = where.get("int8_isa", {})
+    cpu_class = "VNNI" if where.get("vnni") else "AVX2 (no VNNI)"
+    print(f"certificate    {m.verdict}{'' if m.verdict == CERTIFIED else refused}")
+    others = ", ".join(p for p in cert.get("paths", {}) if p != "native") or "no other path"
+    print(
+        f"measured on    {where.get('cpu_model', '?')} ({where.get('machine', '?')}, {cpu_class}; int8 kernels: "
+        f"PyTorch {isa.get('pytorch', '?')}, ONNX Runtime {isa.get('onnxruntime', '?')}); also checked: {others}"
+    )
+    report_path = m.folder / cert.get("file", "parity.json")
+    try:
+        checks = json.loads(report_path.read_text(encoding="utf-8"))["checks"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"gates          {report_path}: not readable ({e.__class__.__name__}); thresholds: {raw_gates(m)}")
+        return
+    print(f"gates          {len(checks)} checks from {report_path.name}:")
+    for c in checks:
+        value, bound = c.get("value"), c.get("threshold")
+        measured = "" if value is None else f"  {value:.4g}" if isinstance(value, float) else f"  {value}"
+        limit = "" if bound is None or isinstance(bound, bool) else f" (bound {bound})"
+        print(f"  {c['verdict']:<10} {c['name']}{measured}{limit}")
+
+
+def raw_gates(m: Manifest) -> str:
+    gates = m.raw.get("target", {}).get("gates", {})
+    return ", ".join(f"{k}={v}" for k, v in gates.items()) or "none recorded"
 
 
 def cmd_to_ppm(args: argparse.Namespace) -> int:
@@ -139,7 +185,7 @@ def cmd_to_ppm(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Per-image latency at batch 1: session.run only, and end to end (decode + preprocess + run)."""
-    model = EdgeModel(load_manifest(args.model), threads=args.threads, fmt=args.format)
+    model = open_model(args)
     m = model.manifest
     x = np.random.default_rng(0).standard_normal((args.batch, 3, m.height, m.width), dtype=np.float32)
 
@@ -176,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model.onnx (ONNX Runtime) or model.pte (ExecuTorch, the extra kdq-edge[executorch]); "
                        "auto: onnx when the export has it")  # fmt: skip
 
+    def uncertified_arg(p: argparse.ArgumentParser) -> None:
+        help_ = "run an export whose certificate did not pass (rejected, not proven, --no-verify)"
+        p.add_argument("--allow-uncertified", action="store_true", help=help_)
+
     def alpha_arg(p: argparse.ArgumentParser) -> None:
         help_ = "images with transparent pixels: refuse them (default) or drop alpha as training did"
         p.add_argument("--alpha", choices=ALPHA_POLICIES, default="refuse", help=help_)
@@ -188,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", action="store_true", help="with --json: include the raw logits")
     p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call (default: 32)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    uncertified_arg(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")  # fmt: skip
     alpha_arg(p)
@@ -211,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--json", action="store_true")
+    uncertified_arg(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

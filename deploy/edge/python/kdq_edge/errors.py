@@ -15,3 +15,7 @@ class IntegrityError(EdgeError):
 
 class ImageError(EdgeError):
     """An image cannot be decoded, or its mode cannot be converted without guessing."""
+
+
+class UncertifiedError(EdgeError):
+    """The export's certificate did not pass (rejected, not proven, or never run): refused unless allowed."""

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdq_edge.errors import IntegrityError, ManifestError
+from kdq_edge.errors import IntegrityError, ManifestError, UncertifiedError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSIONS = (1, 2)  # manifest formats this runtime understands; 2 added preprocessing.crop
 RESIZE = ("bilinear",)  # PIL filters this runtime implements, by manifest name
 CROP = ("none", "center")  # none: stretch to the size; center: shorter side to the size, then the center square
 COLOR = ("RGB",)
+CERTIFIED = "certified"  # kdq's verdict when every gate passed; "rejected" and "not proven" are the others
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,33 @@ class Manifest:
     def onnxruntime_config(self) -> dict[str, str]:
         """ONNX Runtime session config entries the export was certified with (`target.onnxruntime_config`)."""
         return {str(k): str(v) for k, v in self.raw.get("target", {}).get("onnxruntime_config", {}).items()}
+
+    @property
+    def certificate(self) -> dict[str, Any]:
+        """What `kdq export` measured: verdict, the CPU it ran on (`measured_on`), the gates' report file."""
+        return dict(self.raw.get("certificate") or {})
+
+    @property
+    def verdict(self) -> str:
+        """certified, rejected, not proven; "none" for an export made with `kdq export --no-verify`."""
+        cert = self.certificate
+        if not cert:
+            return "none"
+        return str(cert.get("verdict") or (CERTIFIED if cert.get("passed") else "rejected"))
+
+    def require_certified(self) -> None:
+        """Refuse an export whose certificate did not pass: its int8 model was never shown to match the float one."""
+        if self.verdict == CERTIFIED:
+            return
+        why = (
+            "it was exported without a certificate (--no-verify)"
+            if self.verdict == "none"
+            else (
+                f"its certificate is {self.verdict} (see {self.folder / self.certificate.get('file', 'parity.json')})"
+            )
+        )
+        raise UncertifiedError(f"{self.folder}: refusing to run an uncertified export: {why}; "
+                               "pass --allow-uncertified to run it anyway")  # fmt: skip
 
     def artifact_path(self, fmt: str) -> Path:
         if fmt not in self.artifacts:

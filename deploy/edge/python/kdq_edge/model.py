@@ -50,9 +50,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class EdgeModel:
-    """A verified export: `classify(x)` on preprocessed batches, `classify_paths(paths)` on image files."""
+    """A verified export: `classify(x)` on preprocessed batches, `classify_paths(paths)` on image files.
 
-    def __init__(self, manifest: Manifest, threads: int = 1, fmt: str = "auto"):
+    Only a certified export opens (`Manifest.require_certified`); `allow_uncertified=True` opens any other."""
+
+    def __init__(self, manifest: Manifest, threads: int = 1, fmt: str = "auto", allow_uncertified: bool = False):
+        if not allow_uncertified:
+            manifest.require_certified()
         self.manifest = manifest
         self.format = pick_format(manifest, fmt)
         if self.format == "executorch":
@@ -168,6 +172,7 @@ def _executorch_logits(manifest: Manifest, threads: int) -> Callable[[np.ndarray
     return run
 
 
-def load_model(model: Path | str, threads: int = 1, fmt: str = "auto") -> EdgeModel:
-    """Read DIR/manifest.json, check the model file against its sha256, and open it (`fmt`: see FORMATS)."""
-    return EdgeModel(load_manifest(model), threads, fmt)
+def load_model(model: Path | str, threads: int = 1, fmt: str = "auto", allow_uncertified: bool = False) -> EdgeModel:
+    """Read DIR/manifest.json, check the model file against its sha256, and open it (`fmt`: see FORMATS) if its
+    certificate passed (or `allow_uncertified`)."""
+    return EdgeModel(load_manifest(model), threads, fmt, allow_uncertified)

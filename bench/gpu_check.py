@@ -1,0 +1,236 @@
+"""`make gpu-check`: everything only a GPU runs, each briefly, in one script (about 5 min on one GPU).
+
+    make gpu-check                                        # the checks below -> bench/results/gpu-check-*.json
+    uv run --frozen python -m bench.gpu_check --full      # then the fashion-mnist preset end to end (10 min cap)
+    PYTHONPATH=. python3 -m bench.gpu_check --data-dir data   # a lent GPU machine: its own Python, no venv
+
+A GPU is lent rarely and briefly, so this is written and run on the CPU first (`--device cpu --tiny`,
+tests/test_gpu_check.py): on a GPU the same code takes the CUDA paths. Each check runs on its own, records
+`ok`, `failed` (the error's last line) or `skipped` (why: no CUDA, a module the machine lacks), its seconds and
+its numbers, and never stops the others:
+- `bf16_channels_last`: `kdq teacher` on Fashion-MNIST images: kdq.train's bf16 autocast and channels_last on
+  CUDA (float32 on a CPU), images/s and validation accuracy from its history.json;
+- `sync_batchnorm`: kdq.train.sync_batchnorm in a one-rank process group (NCCL on CUDA, gloo on a CPU):
+  every BatchNorm converted, train-mode outputs and gradients equal to plain BatchNorm's at world size 1;
+- `streaming`: kdq.device_data's pinned-memory streaming gives the batches the on-device path gives, and
+  its images/s;
+- `pt2e_qat`: `kdq distill --qat --flow pt2e` from that teacher (torchao's PT2E QAT on the device);
+- `preset_epoch`: one epoch of the fashion-mnist preset's teacher on all 60,000 images; the preset's
+  projected wall time (teacher and student epochs at that speed).
+The data: Fashion-MNIST in `--data-dir` (torchvision's FashionMNIST/raw layout) or Debian's package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.common import environment, write_results
+
+RESULTS_NAME = "gpu-check"
+FULL_TIMEOUT_S = 600  # --full: the fashion-mnist preset's pipeline, capped at 10 minutes
+
+
+class Skip(Exception):
+    """A check that cannot run here (no CUDA for a CUDA-only path, a module this machine lacks)."""
+
+
+def kdq(*args, timeout: float) -> None:
+    """The kdq CLI in a subprocess: a CUDA error or a hang in one check cannot take the others down."""
+    cmd = [sys.executable, "-m", "kdq.cli", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
+        raise RuntimeError(f"`kdq {' '.join(map(str, args[:1]))}` exited {proc.returncode}: {lines[-1]}")
+
+
+def history(stage_dir: Path) -> dict:
+    """The last epoch of a stage's history.json: accuracy and images/s as kdq.train measured them."""
+    last = json.loads((stage_dir / "history.json").read_text())[-1]
+    return {k: last[k] for k in ("epoch", "val_acc", "train_acc", "images_per_second", "epoch_seconds") if k in last}
+
+
+def check_bf16_channels_last(ctx: dict) -> dict:
+    run = ctx["run"]
+    kdq("teacher", "--preset", "smoke", "--dataset", "fashion-mnist", "--data-dir", ctx["data_dir"],
+        "--train-subset", ctx["images"], "--epochs", ctx["epochs"], "--device", ctx["device"], "--run-dir", run,
+        "--no-tensorboard", timeout=ctx["timeout"])  # fmt: skip
+    return {"amp": "bf16 autocast, channels_last" if ctx["cuda"] else "float32 (CPU)", **history(run / "teacher")}
+
+
+def check_sync_batchnorm(ctx: dict) -> dict:
+    import torch.distributed as dist
+    from torch import nn
+
+    from kdq.models import build_model
+    from kdq.train import sync_batchnorm
+
+    dev = torch.device(ctx["device"])
+    dist.init_process_group("nccl" if ctx["cuda"] else "gloo", init_method="tcp://127.0.0.1:29517", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        torch.manual_seed(0)
+        plain = build_model("resnet20", 10).to(dev, memory_format=torch.channels_last).train()
+        synced = sync_batchnorm(copy.deepcopy(plain), dev)
+        kinds = {type(m).__name__ for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        x = torch.randn(64, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+        outs, grads = [], []
+        for model in (plain, synced):
+            model.zero_grad()
+            y = model(x)
+            y.square().mean().backward()
+            outs.append(y.detach().float())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        out_diff = (outs[0] - outs[1]).abs().max().item()
+        grad_diff = (grads[0] - grads[1]).abs().max().item()
+    finally:
+        dist.destroy_process_group()
+    if out_diff > 1e-4 or grad_diff > 1e-4:
+        raise RuntimeError(f"world size 1: sync BN differs from BN (outputs {out_diff:.2e}, grads {grad_diff:.2e})")
+    return {"batchnorm_classes": sorted(kinds), "max_output_diff": out_diff, "max_grad_diff": grad_diff}
+
+
+def check_streaming(ctx: dict) -> dict:
+    from kdq.data import load_dataset
+    from kdq.device_data import TrainImages
+
+    dev = torch.device(ctx["device"])
+    images = load_dataset("fashion-mnist", ctx["data_dir"]).train.images[: ctx["stream_images"]]
+    result = {}
+    batches = {}
+    for stream in (False, True):
+        data = TrainImages(images, dev, stream=stream)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        if ctx["cuda"]:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        batches[stream] = [(idx, x.float().sum()) for idx, x in data.epoch(256, gen)]
+        if ctx["cuda"]:
+            torch.cuda.synchronize()
+        result["streamed_images_per_s" if stream else "on_device_images_per_s"] = len(images) / (
+            time.perf_counter() - start)  # fmt: skip
+    same = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*batches.values(), strict=True))
+    if not same:
+        raise RuntimeError("streamed batches differ from the on-device ones")
+    return {"images": len(images), "batches": len(batches[True]), "pinned": ctx["cuda"], **result}
+
+
+def check_pt2e_qat(ctx: dict) -> dict:
+    try:
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"PT2E QAT needs torchao: {e}") from e
+    run = ctx["run"]
+    if not (run / "teacher" / "checkpoint.pt").is_file():
+        raise Skip("no teacher: bf16_channels_last failed")
+    kdq("distill", "--qat", "--flow", "pt2e", "--preset", "smoke", "--dataset", "fashion-mnist", "--data-dir",
+        ctx["data_dir"], "--train-subset", ctx["images"], "--epochs", ctx["epochs"], "--device", ctx["device"],
+        "--run-dir", run, "--no-tensorboard", timeout=ctx["timeout"])  # fmt: skip
+    stages = sorted(p.name for p in run.iterdir() if p.name.startswith("student_qat"))
+    return {"stages": stages, **history(run / stages[-1])}
+
+
+def check_preset_epoch(ctx: dict) -> dict:
+    from kdq.presets import get_preset
+
+    if ctx["tiny"]:
+        raise Skip("--tiny: one epoch on 60,000 images is the GPU's job")
+    preset = get_preset("fashion-mnist")
+    run = ctx["run"] / "preset"
+    kdq("teacher", "--preset", "fashion-mnist", "--data-dir", ctx["data_dir"], "--epochs", 1, "--val-fraction", 0,
+        "--device", ctx["device"], "--run-dir", run, "--no-tensorboard", timeout=ctx["timeout"])  # fmt: skip
+    epoch = history(run / "teacher")
+    epochs = preset.teacher_optim.epochs + 2 * preset.student_optim.epochs  # teacher, baseline and KD student
+    return {**epoch, "preset_epochs": epochs, "projected_minutes": epoch["epoch_seconds"] * epochs / 60,
+            "note": "teacher epochs at the ResNet teacher's speed: the MobileNetV2 students are faster"}  # fmt: skip
+
+
+CHECKS: dict[str, Callable[[dict], dict]] = {
+    "bf16_channels_last": check_bf16_channels_last,
+    "sync_batchnorm": check_sync_batchnorm,
+    "streaming": check_streaming,
+    "pt2e_qat": check_pt2e_qat,
+    "preset_epoch": check_preset_epoch,
+}
+
+
+def run_check(name: str, ctx: dict) -> dict:
+    start = time.perf_counter()
+    try:
+        record = {"status": "ok", **CHECKS[name](ctx)}
+    except Skip as e:
+        record = {"status": "skipped", "why": str(e)}
+    except Exception as e:  # a failed check is a result: the others still run
+        record = {"status": "failed", "error": f"{e.__class__.__name__}: {e}".splitlines()[0],
+                  "traceback": traceback.format_exc(limit=3)}  # fmt: skip
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    print(f"[gpu-check] {name:<20} {record['status']:<8} {record['seconds']:7.1f} s  "
+          f"{record.get('why') or record.get('error') or ''}", file=sys.stderr, flush=True)  # fmt: skip
+    return record
+
+
+def machine() -> dict:
+    """bench.common.environment, or what can be known where it cannot run (a GPU machine without onnxruntime)."""
+    try:
+        return environment()
+    except ImportError as e:
+        import platform
+
+        return {"host": platform.node(), "python": platform.python_version(), "incomplete": str(e)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])  # fmt: skip
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to try the script")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="holds FashionMNIST/raw (or Debian's)")
+    parser.add_argument("--tiny", action="store_true", help="a few hundred images, 1 epoch (tests, CPU)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"then `kdq pipeline --preset fashion-mnist` on the device, capped at {FULL_TIMEOUT_S} s",
+    )
+    parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("gpu-check: error: no CUDA device (torch.cuda.is_available() is False); --device cpu tries the "
+              "script on the CPU", file=sys.stderr)  # fmt: skip
+        return 2
+    with tempfile.TemporaryDirectory(prefix="kdq-gpu-check-") as tmp:
+        ctx = {"device": args.device, "cuda": cuda, "data_dir": args.data_dir, "run": Path(tmp) / "run",
+               "tiny": args.tiny, "images": 500 if args.tiny else 10_000, "epochs": 1 if args.tiny else 3,
+               "stream_images": 1_000 if args.tiny else 60_000, "timeout": 600 if args.tiny else 240}  # fmt: skip
+        checks = {name: run_check(name, ctx) for name in (args.only or CHECKS)}
+        if args.full:
+            start = time.perf_counter()
+            try:
+                kdq("pipeline", "--preset", "fashion-mnist", "--data-dir", args.data_dir, "--device", args.device,
+                    "--run-dir", Path(tmp) / "full", timeout=FULL_TIMEOUT_S)  # fmt: skip
+                checks["full_pipeline"] = {"status": "ok"}
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                checks["full_pipeline"] = {"status": "failed", "error": str(e).splitlines()[0]}
+            checks["full_pipeline"]["seconds"] = round(time.perf_counter() - start, 1)
+    device = torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu"
+    result = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
+              "checks": checks, "environment": machine()}  # fmt: skip
+    path = write_results(RESULTS_NAME, result, args.out_dir)
+    failed = [n for n, c in checks.items() if c["status"] == "failed"]
+    print(f"gpu-check: {len(checks) - len(failed)} of {len(checks)} checks did not fail; {path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
