@@ -156,7 +156,7 @@ def print_certificate(m: Manifest) -> None:
         f"measured on    {where.get('cpu_model', '?')} ({where.get('machine', '?')}, {cpu_class}; int8 kernels: "
         f"PyTorch {isa.get('pytorch', '?')}, ONNX Runtime {isa.get('onnxruntime', '?')}); also checked: {others}"
     )
-    report_path = m.folder / cert.get("file", "parity.json")
+    report_path = m.certificate_report
     try:
         checks = json.loads(report_path.read_text(encoding="utf-8"))["checks"]
     except (OSError, ValueError, KeyError) as e:

@@ -46,6 +46,11 @@ class Manifest:
         return dict(self.raw.get("certificate") or {})
 
     @property
+    def certificate_report(self) -> Path:
+        """The certificate's gate-by-gate report (parity.json) in the export folder."""
+        return self.folder / self.certificate.get("file", "parity.json")
+
+    @property
     def verdict(self) -> str:
         """certified, rejected, not proven; "none" for an export made with `kdq export --no-verify`."""
         cert = self.certificate
@@ -60,9 +65,7 @@ class Manifest:
         why = (
             "it was exported without a certificate (--no-verify)"
             if self.verdict == "none"
-            else (
-                f"its certificate is {self.verdict} (see {self.folder / self.certificate.get('file', 'parity.json')})"
-            )
+            else (f"its certificate is {self.verdict} (see {self.certificate_report})")
         )
         raise UncertifiedError(f"{self.folder}: refusing to run an uncertified export: {why}; "
                                "pass --allow-uncertified to run it anyway")  # fmt: skip
