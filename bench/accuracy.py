@@ -11,7 +11,7 @@ split, which no stage reads. The CPU budget trains on a fixed stratified subset 
 - per seed (default 3): the no-KD baseline, Hinton KD with offline soft targets (teacher logits on unaugmented
   images), Hinton KD online (the teacher sees the student's augmented batch), DIST offline (Huang et al. 2022);
 - seed 0's offline KD student, made int8 for x86 by QAT-KD (the preset's QAT recipe) and by PTQ;
-- both student layouts (output stride 16 and 8), seed 0's baseline recipe: float and PTQ int8 accuracy;
+- both student layouts (mobilenet_v2 and mobilenet_v2_hires), seed 0's baseline recipe: float and PTQ int8 accuracy;
 - ONNX Runtime int8 latency, batch 1 and 64, 1 thread: the median of `--rounds` medians (30 runs at batch 1, 5 at
   batch 64, after 3 warm-up runs).
 KD gain = KD student minus baseline of the same seed (same split, same initialisation): the mean of these paired
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, changes in variants.items():
             paths[name][seed] = bench.student(name, seed, **changes)
         if seed == 0:
-            paths["baseline_os8"] = {0: bench.student("baseline_os8", 0, alpha=0.0, student="mobilenet_v2_os8")}
+            paths["baseline_os8"] = {0: bench.student("baseline_os8", 0, alpha=0.0, student="mobilenet_v2_hires")}
     for name, by_seed in paths.items():
         models[name] = {**describe(by_seed[0]), "top1": [bench.accuracy(p) for p in by_seed.values()]}
     int8 = {

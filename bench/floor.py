@@ -143,7 +143,7 @@ def floor_rows(latency: list[dict], macs_per_image: int, bound: dict) -> list[di
 def measure(inference: dict | None = None, threads: tuple[int, ...] = (1, 2)) -> dict:
     """MACs, peaks and GEMM ceilings; with inference results, each of their latencies against its floor."""
     cpu = cpu_info()
-    arch = (inference or {}).get("arch") or {"name": "mobilenet_v2_os16", "num_classes": 10, "kwargs": {}}
+    arch = (inference or {}).get("arch") or {"name": "mobilenet_v2", "num_classes": 10, "kwargs": {}}
     macs = model_macs(
         build_model(arch["name"], arch["num_classes"], **arch.get("kwargs", {})), arch.get("image_size", 32)
     )

@@ -37,7 +37,7 @@ RUNTIMES = ("pytorch", "torchscript", "onnxruntime")
 
 
 def untrained_int8_student(work: Path, calibration_batches: int = 8) -> Path:
-    """A fresh MobileNetV2 student (the demo preset's mobilenet_v2_os16, width 1.0, 10 classes), x86 PTQ by kdq."""
+    """A fresh MobileNetV2 student (the demo preset's mobilenet_v2, width 1.0, 10 classes), x86 PTQ by kdq."""
     preset = get_preset("demo")  # digits: ships with scikit-learn, so calibration needs no download
     data = load_dataset(preset.dataset)
     torch.manual_seed(0)

@@ -15,10 +15,10 @@ from typing import TypeVar
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "folder")
 CIFAR_RESNETS = ("resnet20", "resnet56")  # He et al. 2016 (sec. 4.2): the KD literature's CPU-sized teachers
 TEACHERS = (*CIFAR_RESNETS, "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-# MobileNetV2 at 32x32 by output stride (input size / final feature map): os16 strides only the stem's 1, 2x2
-# final maps, 24.5 M MACs; os8 also keeps the 24-channel stage at stride 1, 4x4 maps, 88 M MACs: the layout
-# of every published CIFAR MobileNetV2 (kuangliu 94.4%, chenyaofo 93.8%). kdq.models says more.
-STUDENTS = ("mobilenet_v2_os16", "mobilenet_v2_os8")
+# MobileNetV2 in two layouts (kdq.models says more): mobilenet_v2 strides all but the stem up to 64 px (2x2 final
+# maps at 32 px, 24.5 M MACs); mobilenet_v2_hires also keeps the 24-channel stage at stride 1, final maps 2x finer at
+# any size (4x4 at 32 px, 88 M MACs): the layout of every published CIFAR MobileNetV2 (kuangliu 94.4%, chenyaofo 93.8%).
+STUDENTS = ("mobilenet_v2", "mobilenet_v2_hires")
 # Input size and stem (kdq.models): up to CIFAR_STEM_MAX px a model keeps every pixel through its first layer
 # (CIFAR stem: ResNet 3x3 stride-1 conv without max-pool, MobileNetV2 stride-1 first conv); above it, the ImageNet
 # stem (ResNet 7x7 stride-2 conv + max-pool, MobileNetV2 stride-2 conv) quarters the pixels first, as torchvision's
@@ -104,7 +104,7 @@ class Preset:
     dataset: str  # a name from DATASETS
     teacher: str  # a name from kdq.models.TEACHERS
     image_size: int = 32  # square model input, px: every dataset is resized to it once at load time (kdq.data)
-    student: str = "mobilenet_v2_os16"
+    student: str = "mobilenet_v2"
     # Where training starts: "" (random init), "imagenet" (torchvision's ImageNet weights: downloaded once into
     # the torch hub cache, read from it offline) or the path of a state_dict file (`kdq.models.load_start_weights`).
     teacher_weights: str = ""

@@ -72,12 +72,13 @@ def cifar_resnet(name: str, num_classes: int, stem: str = "cifar") -> resnet.Res
 
 
 class CifarMobileNetV2(QuantizableMobileNetV2):
-    """MobileNetV2 for 32x32 inputs, ready for eager-mode int8 quantization, at output stride 16 or 8.
+    """MobileNetV2 ready for eager-mode int8 quantization, in two layouts named by what holds at every input size.
 
-    Why it differs from torchvision's ImageNet model (output stride 32: 1x1 final maps at 32x32):
-    - `output_stride=16` (`mobilenet_v2_os16`): stride-1 stem, 2x2 final maps, 24.5 M MACs; the fast one;
-    - `output_stride=8` (`mobilenet_v2_os8`): the 24-channel stage at stride 1 too, 4x4 final maps, 88 M MACs:
-      the layout of the published CIFAR MobileNetV2s (kuangliu/pytorch-cifar 94.43%, chenyaofo 93.79%);
+    - `mobilenet_v2`: torchvision's strides, except the stem's up to 64 px (the CIFAR stem, stride 1): output
+      stride 16 there (2x2 final maps and 24.5 M MACs at 32 px), torchvision's 32 above; the fast one;
+    - `mobilenet_v2_hires` (`hires=True`): also the 24-channel stage's first block at stride 1, so its final maps
+      are 2x finer than `mobilenet_v2`'s at any size (4x4 at 32 px, 88 M MACs: ~3.6x), the same parameters: the
+      layout of the published CIFAR MobileNetV2s (kuangliu/pytorch-cifar 94.43%, chenyaofo 93.79%);
     - ReLU instead of ReLU6: eager fusion has no conv-bn-ReLU6 pattern, and an unfused ReLU6 breaks
       the ONNX export of the int8 model (shared/notes/quantization.md);
     - dequantize *before* the classifier, which stays float: an int8 classifier puts logits on a
@@ -87,17 +88,15 @@ class CifarMobileNetV2(QuantizableMobileNetV2):
     """
 
     def __init__(
-        self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1, output_stride: int = 16,
+        self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1, hires: bool = False,
         stem: str = "cifar",
     ):  # fmt: skip
         super().__init__(
             num_classes=num_classes, width_mult=width_mult, dropout=dropout, block=QuantizableInvertedResidual
         )
-        if output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
         if _check_stem(stem) == "cifar":  # the ImageNet stem keeps torchvision's stride 2 (output stride x2)
             self.features[0][0].stride = (1, 1)
-        if output_stride == 8:
+        if hires:
             self.features[2].conv[1][0].stride = (1, 1)  # depthwise conv of the 24-channel stage's first block
         _relu6_to_relu(self)
 
@@ -115,19 +114,20 @@ def _relu6_to_relu(module: nn.Module) -> None:
             _relu6_to_relu(child)
 
 
-# Checkpoints written before the two student layouts had names call the output-stride-16 one this.
-LEGACY_NAMES = {"mobilenet_v2": "mobilenet_v2_os16"}
+# Names of the student layouts in checkpoints and results written before 2026-12-03: by their output stride at
+# 32 px, which is not theirs above 64 px (the ImageNet stem doubles it).
+LEGACY_NAMES = {"mobilenet_v2_os16": "mobilenet_v2", "mobilenet_v2_os8": "mobilenet_v2_hires"}
 
 
 def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build a teacher (`resnet*`) or a student (`mobilenet_v2_os16`, `mobilenet_v2_os8`) by name."""
+    """Build a teacher (`resnet*`) or a student (`mobilenet_v2`, `mobilenet_v2_hires`) by name."""
     arch = LEGACY_NAMES.get(arch, arch)
     if arch in RESNETS:
         return cifar_resnet(arch, num_classes, **kwargs)
     if arch in CIFAR_RESNETS:
         return CifarResNet(int(arch.removeprefix("resnet")), num_classes, **kwargs)
     if arch in STUDENTS:
-        return CifarMobileNetV2(num_classes, output_stride=int(arch.removeprefix("mobilenet_v2_os")), **kwargs)
+        return CifarMobileNetV2(num_classes, hires=arch == "mobilenet_v2_hires", **kwargs)
     raise ValueError(f"unknown model {arch!r}; choose from: {', '.join(TEACHERS + STUDENTS)}")
 
 

@@ -226,7 +226,7 @@ def test_checkpoint_with_another_number_of_classes(ws, tmp_path):
     ck.save_checkpoint(saved, tmp_path / "ten.pt")
     fails(
         ["evaluate", tmp_path / "ten.pt", "--out", tmp_path / "e.json"],
-        f"{tmp_path / 'ten.pt'}: weights do not fit mobilenet_v2_os16 (size mismatch for classifier.1.weight: "
+        f"{tmp_path / 'ten.pt'}: weights do not fit mobilenet_v2 (size mismatch for classifier.1.weight: "
         "copying a param with shape ([3, 1280]) from checkpoint, the shape in current model is ([10, 1280]))",
         tmp_path,
     )
@@ -576,6 +576,6 @@ def test_unknown_export_target_and_model_name(ws, tmp_path):
     fails(
         ["evaluate", tmp_path / "vit.pt", "--out", tmp_path / "e.json"],
         f"{tmp_path / 'vit.pt'}: cannot build its model {saved[ck.ARCH]} (unknown model 'vit_b_16'; choose from: "
-        "resnet20, resnet56, resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v2_os16, mobilenet_v2_os8)",
+        "resnet20, resnet56, resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v2, mobilenet_v2_hires)",
         tmp_path,
     )

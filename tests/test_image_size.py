@@ -49,7 +49,7 @@ def test_folder_images_keep_their_aspect_ratio(tmp_path):
 )
 def test_the_stem_follows_the_input_size(size, stem):
     assert CIFAR_STEM_MAX == 64 and stem_for(size) == stem
-    for arch in ("resnet20", "resnet18", "mobilenet_v2_os16"):
+    for arch in ("resnet20", "resnet18", "mobilenet_v2"):
         model = build_model(arch, 10, **stem_kwargs(size))
         assert model_stem(model) == stem
     assert stem_kwargs(32) == {}  # a 32 px model's arch record is what it always was
@@ -59,10 +59,10 @@ def test_imagenet_stem_keeps_its_pretrained_weights(tmp_path):
     from torchvision.models import mobilenet_v2
 
     torch.save(mobilenet_v2(width_mult=0.35).state_dict(), tmp_path / "w.pt")
-    cifar = build_model("mobilenet_v2_os16", 10, width_mult=0.35)
-    imagenet = build_model("mobilenet_v2_os16", 10, width_mult=0.35, stem="imagenet")
-    assert "features.0.0.weight" in load_start_weights(cifar, "mobilenet_v2_os16", str(tmp_path / "w.pt"))
-    assert "features.0.0.weight" not in load_start_weights(imagenet, "mobilenet_v2_os16", str(tmp_path / "w.pt"))
+    cifar = build_model("mobilenet_v2", 10, width_mult=0.35)
+    imagenet = build_model("mobilenet_v2", 10, width_mult=0.35, stem="imagenet")
+    assert "features.0.0.weight" in load_start_weights(cifar, "mobilenet_v2", str(tmp_path / "w.pt"))
+    assert "features.0.0.weight" not in load_start_weights(imagenet, "mobilenet_v2", str(tmp_path / "w.pt"))
 
 
 COMMON = ["--preset", "smoke", "--device", "cpu", "--train-subset", "200", "--no-tensorboard", "--epochs", "2"]

@@ -12,7 +12,7 @@ from kdq.models import CifarMobileNetV2, build_model, count_parameters
         ("resnet18", 11.17e6),
         ("resnet50", 23.52e6),
         ("resnet152", 58.16e6),
-        ("mobilenet_v2_os16", 2.24e6),
+        ("mobilenet_v2", 2.24e6),
     ],  # fmt: skip
 )
 def test_parameter_counts(arch, expected):
@@ -22,9 +22,9 @@ def test_parameter_counts(arch, expected):
 def test_cifar_stem_keeps_resolution():
     teacher = build_model("resnet18", 10)
     assert teacher.conv1.stride == (1, 1) and isinstance(teacher.maxpool, torch.nn.Identity)
-    student = build_model("mobilenet_v2_os16", 10)
+    student = build_model("mobilenet_v2", 10)
     assert student.features[0][0].stride == (1, 1)
-    assert build_model("mobilenet_v2_os16", 7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert build_model("mobilenet_v2", 7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
 def test_cifar_resnet_has_he_et_al_layout():
@@ -48,13 +48,22 @@ def test_unknown_model_lists_choices():
         build_model("vgg", 10)
 
 
-@pytest.mark.parametrize("arch,final_maps,mmacs", [("mobilenet_v2_os16", 2, 24.5), ("mobilenet_v2_os8", 4, 88)])
-def test_student_layouts_by_output_stride(arch, final_maps, mmacs):
-    """os16 strides only the stem's 1 (2x2 final maps); os8 also keeps the 24-channel stage at stride 1 (4x4),
-    the published CIFAR MobileNetV2 layout: 3.6x the multiply-accumulates, the same parameters."""
+@pytest.mark.parametrize(
+    "arch,legacy,final_maps,mmacs",
+    [("mobilenet_v2", "mobilenet_v2_os16", 2, 24.5), ("mobilenet_v2_hires", "mobilenet_v2_os8", 4, 88)],
+)
+def test_student_layouts_hold_their_names_at_every_size(arch, legacy, final_maps, mmacs):
+    """mobilenet_v2 keeps torchvision's strides but the CIFAR stem's (2x2 final maps at 32 px); the hires layout
+    also keeps the 24-channel stage at stride 1 (4x4), the published CIFAR MobileNetV2 layout: 3.6x the
+    multiply-accumulates, the same parameters. Above 64 px (the ImageNet stem) both double their output stride
+    and hires' maps stay 2x finer: the names say nothing that stops being true."""
     from bench.floor import model_macs
 
     m = build_model(arch, 10).eval()
     assert m.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (final_maps, final_maps)
+    big = build_model(arch, 10, stem="imagenet").eval()
+    assert big.features(torch.randn(1, 3, 96, 96)).shape[-1] == 3 * final_maps // 2  # 96 / 32 and 96 / 16
+    old = build_model(legacy, 10).eval()  # checkpoints from before the rename still load as the same layout
+    assert old.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (final_maps, final_maps)
     assert model_macs(m)["macs_per_image"] / 1e6 == pytest.approx(mmacs, rel=0.03)
     assert count_parameters(m) == pytest.approx(2.24e6, rel=0.01)

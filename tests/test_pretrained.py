@@ -27,7 +27,7 @@ def saved(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "arch, torchvision_model, kwargs",
-    [("mobilenet_v2_os16", lambda: mobilenet_v2(width_mult=0.35), {"width_mult": 0.35}), ("resnet18", resnet18, {})],
+    [("mobilenet_v2", lambda: mobilenet_v2(width_mult=0.35), {"width_mult": 0.35}), ("resnet18", resnet18, {})],
 )
 def test_weights_file_loads_all_but_the_stem_and_a_classifier_of_another_size(
     tmp_path, arch, torchvision_model, kwargs
@@ -62,11 +62,11 @@ def test_imagenet_weights_come_from_the_torch_hub_cache_offline(tmp_path, monkey
         raise URLError("offline")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    state = start_weights("mobilenet_v2_os8", "imagenet")
+    state = start_weights("mobilenet_v2_hires", "imagenet")
     assert state.keys() == source.keys() and all(torch.equal(state[k], source[k]) for k in state)
     (cache / Path(url).name).unlink()
     with pytest.raises(WeightsError, match="not in the torch hub cache"):
-        start_weights("mobilenet_v2_os8", "imagenet")
+        start_weights("mobilenet_v2_hires", "imagenet")
 
 
 def test_weights_that_cannot_be_used_are_one_line_errors(tmp_path):
@@ -78,8 +78,8 @@ def test_weights_that_cannot_be_used_are_one_line_errors(tmp_path):
     with pytest.raises(WeightsError, match="not a weights file"):
         start_weights("resnet18", str(tmp_path / "evil.pt"))
     saved(mobilenet_v2(width_mult=1.0), tmp_path / "wide.pt")
-    with pytest.raises(WeightsError, match="no weights of .* fit mobilenet_v2_os16"):
-        load_start_weights(build_model("mobilenet_v2_os16", 10, width_mult=0.35), "mobilenet_v2_os16",
+    with pytest.raises(WeightsError, match="no weights of .* fit mobilenet_v2"):
+        load_start_weights(build_model("mobilenet_v2", 10, width_mult=0.35), "mobilenet_v2",
                            str(tmp_path / "wide.pt"))  # fmt: skip
 
 

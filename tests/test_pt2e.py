@@ -90,7 +90,7 @@ def test_residual_adds_are_quantized_for_onnx_runtime(smoke_run):
 def test_qat_graph_trains_freezes_and_round_trips_through_a_weights_only_checkpoint(tmp_path):
     flow = get_flow("pt2e")
     torch.manual_seed(0)
-    model = build_model("mobilenet_v2_os16", 10)
+    model = build_model("mobilenet_v2", 10)
     prepared = flow.prepare(model, "xnnpack", qat=True)
     norms = [n for n in prepared.graph.nodes if str(n.target) in pt2e.BATCH_NORMS]
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)

@@ -37,7 +37,7 @@ def test_a_changed_result_changes_the_readme():
 
 
 def _model(top1: list[float], **extra) -> dict:
-    return {"arch": "mobilenet_v2_os16", "parameters": 2_236_682, "fp32_bytes": 9_188_427, "top1": top1, **extra}
+    return {"arch": "mobilenet_v2", "parameters": 2_236_682, "fp32_bytes": 9_188_427, "top1": top1, **extra}
 
 
 def test_accuracy_table_pairs_kd_with_the_baseline_of_the_same_seed():

@@ -284,9 +284,9 @@ DDP_LOSS_RTOL = 0.02  # per-epoch train loss (measured 0.07% and 0.47%; 0.6% and
 def _fit_tiny(tiny, out, epochs=2, resume=False, width=0.35, rt=None, hook=None, lr=0.05, overwrite=False):
     torch.manual_seed(0)
     kwargs = {"width_mult": width, "dropout": 0.0}  # dropout masks are drawn per process: keep them out
-    arch = {"name": "mobilenet_v2_os16", "num_classes": 10, "kwargs": kwargs}
+    arch = {"name": "mobilenet_v2", "num_classes": 10, "kwargs": kwargs}
     return fit(
-        build_model("mobilenet_v2_os16", 10, **kwargs),
+        build_model("mobilenet_v2", 10, **kwargs),
         arch,
         tiny,
         Optim(epochs=epochs, lr=lr, batch_size=32),
@@ -303,7 +303,7 @@ def _fit_tiny(tiny, out, epochs=2, resume=False, width=0.35, rt=None, hook=None,
 
 def _init() -> dict:
     torch.manual_seed(0)
-    return build_model("mobilenet_v2_os16", 10, width_mult=0.35, dropout=0.0).state_dict()
+    return build_model("mobilenet_v2", 10, width_mult=0.35, dropout=0.0).state_dict()
 
 
 def _ddp_worker(rank: int, port: int, out: str, tiny) -> None:
@@ -324,7 +324,7 @@ def _ddp_worker(rank: int, port: int, out: str, tiny) -> None:
     rt = setup_runtime("cpu")
     results = {}
     for sync in (True, False):  # one DDP step as fit takes it, and the same without the BN synchronization
-        model = build_model("mobilenet_v2_os16", 10, width_mult=0.35, dropout=0.0)
+        model = build_model("mobilenet_v2", 10, width_mult=0.35, dropout=0.0)
         model.load_state_dict(_init())
         grads = _ddp_step_gradients(model, tiny, rank, sync)
         if rank == 0:
@@ -364,7 +364,7 @@ def _ddp_step_gradients(model, tiny, rank, sync):
 
 
 def _one_process_gradients(tiny, dtype):
-    model = build_model("mobilenet_v2_os16", 10, width_mult=0.35, dropout=0.0)
+    model = build_model("mobilenet_v2", 10, width_mult=0.35, dropout=0.0)
     model.load_state_dict(_init())
     model = model.to(dtype).to(memory_format=torch.channels_last)
     x, y = _batch(tiny)

@@ -16,14 +16,14 @@ from kdq.train import Distill, Runtime, TrainingError, fit
 
 from .conftest import same_weights
 
-ARCH = {"name": "mobilenet_v2_os16", "num_classes": 10, "kwargs": {"width_mult": 0.35, "dropout": 0.1}}
+ARCH = {"name": "mobilenet_v2", "num_classes": 10, "kwargs": {"width_mult": 0.35, "dropout": 0.1}}
 CPU = Runtime(torch.device("cpu"))
 PRESET = get_preset("demo").to_dict()
 
 
 def student():
     torch.manual_seed(0)
-    return build_model("mobilenet_v2_os16", 10, **ARCH["kwargs"])
+    return build_model("mobilenet_v2", 10, **ARCH["kwargs"])
 
 
 def run(tiny, out, epochs, **kw):
@@ -130,7 +130,7 @@ def test_offline_distillation_uses_soft_targets(tiny, tmp_path):
 
 
 def test_online_distillation_runs_the_teacher(tiny, tmp_path):
-    teacher = build_model("mobilenet_v2_os16", 10, width_mult=0.35)
+    teacher = build_model("mobilenet_v2", 10, width_mult=0.35)
     ckpt = run(tiny, tmp_path, 1, distill=Distill(alpha=0.5, teacher=teacher))
     assert ckpt[ck.HISTORY][0]["train_soft_loss"] > 0
     assert all(not p.requires_grad for p in teacher.parameters())

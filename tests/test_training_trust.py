@@ -41,7 +41,7 @@ def test_evaluating_a_qat_model_leaves_its_quantization_ranges_alone(tiny):
     from kdq.train import _accuracy
 
     torch.manual_seed(0)
-    model = get_flow("eager").prepare(build_model("mobilenet_v2_os16", 10, width_mult=0.35), "x86", qat=True)
+    model = get_flow("eager").prepare(build_model("mobilenet_v2", 10, width_mult=0.35), "x86", qat=True)
     with torch.no_grad():  # ranges from a few training images, as after some QAT steps
         model(Normalize(*tiny.normalization())(tiny.train.images[:32]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -63,7 +63,7 @@ def test_data_parallel_batchnorm_is_synchronized_on_gpus_too(qat):
 
     def model():
         torch.manual_seed(0)
-        m = build_model("mobilenet_v2_os16", 10, width_mult=0.35)
+        m = build_model("mobilenet_v2", 10, width_mult=0.35)
         return get_flow("eager").prepare(m, "x86", qat=True) if qat else m
 
     for device, kind in (("cuda", nn.SyncBatchNorm), ("cpu", _CpuSyncBatchNorm)):
@@ -104,8 +104,8 @@ def _fit(data, out, epochs, patience=0):
     from kdq.train import fit
 
     torch.manual_seed(0)
-    arch = {"name": "mobilenet_v2_os16", "num_classes": 10, "kwargs": {"width_mult": 0.35}}
-    fit(build_model("mobilenet_v2_os16", 10, width_mult=0.35), arch, data, Optim(epochs=epochs, lr=0.2, batch_size=32,
+    arch = {"name": "mobilenet_v2", "num_classes": 10, "kwargs": {"width_mult": 0.35}}
+    fit(build_model("mobilenet_v2", 10, width_mult=0.35), arch, data, Optim(epochs=epochs, lr=0.2, batch_size=32,
         patience=patience), Augment(crop_padding=2, flip=False), out, stage="student",
         preset=get_preset("demo").to_dict(), rt=Runtime(torch.device("cpu")))  # fmt: skip
     return ck.load_checkpoint(out / "checkpoint.pt")
