@@ -22,7 +22,7 @@ setup:  ## Install uv (with pip) if missing, then the locked environment in .ven
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 		$$missing >/dev/null; } || echo "make: install Debian's$$missing (AVX2 int8 certificate, Fashion-MNIST offline, report test)" >&2
 
-demo: setup  ## The whole job offline on the embedded digits dataset: teacher, baseline, KD student, table
+demo: setup  ## The whole job offline on the Fashion-MNIST shipped in kdq: teacher, baseline, KD student, certified int8 export
 	$(RUN) kdq pipeline --preset $(PRESET) --run-dir runs/$(PRESET) --resume
 
 test: setup lint  ## Lint, then the test suite

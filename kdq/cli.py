@@ -524,14 +524,18 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing results JSON.")
 def evaluate(checkpoints, data_dir, out, overwrite) -> None:
-    """Accuracy, per-class accuracy, confusion matrix, size and CPU latency of checkpoints."""
+    """Accuracy, per-class accuracy, confusion matrix, size and CPU latency of checkpoints; with a `baseline`
+    and a `student` among them, the KD student's gain on the same images, with its paired interval."""
     from kdq import recipes
+    from kdq.evaluate import paired_gain
 
     out = out or Path(checkpoints[0]).parent.parent / recipes.EVALUATION_JSON
     if out.exists() and not overwrite:
         raise KdqError(f"{out} exists; pass --overwrite to replace it (or --out elsewhere)")
     results = recipes.evaluate_checkpoints(list(checkpoints), recipes.RunOptions(data_dir=data_dir), out)
     click.echo(recipes.format_table(results))
+    if (gain := paired_gain(results)) is not None:  # a baseline and a KD student among them
+        click.echo(f"Knowledge distillation: {gain.sentence()}")
     click.echo(f"-> {out}")
 
 

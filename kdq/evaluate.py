@@ -1,4 +1,5 @@
-"""Accuracy, per-class accuracy, confusion matrix, size and CPU latency of a model."""
+"""Accuracy, per-class accuracy, confusion matrix, size and CPU latency of a model; one model against another on
+the same test images (`paired_gain`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from sklearn.metrics import confusion_matrix
@@ -13,6 +15,7 @@ from torch import nn
 
 from kdq.data import Normalize, Split
 from kdq.models import count_parameters
+from kdq.stats import Paired, drop_interval, mcnemar_p
 
 
 @torch.no_grad()
@@ -34,10 +37,14 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     pred = logits.argmax(1)
     cm = confusion_matrix(labels.numpy(), pred.numpy(), labels=list(range(len(classes))))
     per_class = {c: float(cm[i, i] / max(cm[i].sum(), 1)) for i, c in enumerate(classes)}
+    correct = pred == labels
     return {
-        "top1": float((pred == labels).float().mean()),
+        "top1": float(correct.float().mean()),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
+        # one character per test image, in test order, "1" where right: two models on the same images compare
+        # image by image (a paired test, `kdq.stats`), and 10,000 images stay one line of JSON
+        "correct": "".join("1" if ok else "0" for ok in correct.tolist()),
     }
 
 
@@ -97,3 +104,42 @@ def evaluate_model(
         "latency_ms_b1": b1,
         "throughput_img_s_b64": 64 / (b64 / 1000),
     }
+
+
+@dataclass(frozen=True)
+class Gain:
+    """What `candidate` gains over `reference` in top-1 on the same n test images, with its paired 95% interval
+    (`kdq.stats.drop_interval`, negated) and the exact McNemar p-value."""
+
+    candidate: str
+    reference: str
+    value: float
+    ci: tuple[float, float]
+    p: float
+    n: int
+
+    @property
+    def verdict(self) -> str:
+        """ "ahead" or "behind" only when the interval excludes zero; otherwise the two are a "tie"."""
+        return "ahead" if self.ci[0] > 0 else "behind" if self.ci[1] < 0 else "tie"
+
+    def sentence(self) -> str:
+        lo, hi = self.ci
+        return (
+            f"{self.candidate} - {self.reference} on the same {self.n:,} test images: {self.value * 100:+.2f} pt "
+            f"(95% CI {lo * 100:+.2f} to {hi * 100:+.2f}, exact McNemar p = {self.p:.2g}): "
+            + {"ahead": f"{self.candidate} is ahead", "behind": f"{self.candidate} is behind"}.get(
+                self.verdict, "a tie (the interval includes zero)"
+            )
+        )
+
+
+def paired_gain(results: dict, candidate: str = "student", reference: str = "baseline") -> Gain | None:
+    """`candidate` against `reference` from evaluation results (`kdq evaluate`'s JSON), image by image; None when
+    either is missing or was evaluated before kdq recorded each image's outcome."""
+    a, b = results.get(reference, {}).get("correct"), results.get(candidate, {}).get("correct")
+    if not a or not b or len(a) != len(b):
+        return None
+    paired = Paired.of([c == "1" for c in a], [c == "1" for c in b])
+    lo, hi = drop_interval(paired)
+    return Gain(candidate, reference, -paired.drop, (-hi, -lo), mcnemar_p(paired), paired.n)

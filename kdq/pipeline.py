@@ -15,6 +15,7 @@ from kdq import recipes
 from kdq.artifacts import ExportError, load_target
 from kdq.config import QAT_STAGE, Preset, qat_stage, with_overrides
 from kdq.errors import KdqError
+from kdq.evaluate import paired_gain
 from kdq.export import existing_certificate, export
 from kdq.parity import format_report
 from kdq.quant import get_flow
@@ -76,6 +77,8 @@ def run_pipeline(
     else:
         results = recipes.evaluate_checkpoints(list(stages.values()), opts, eval_json)
     click.echo(recipes.format_table(results))
+    if (gain := paired_gain(results)) is not None:
+        click.echo(f"Knowledge distillation: {gain.sentence()}")
     # eager: export-x86 / export-qnnpack (by backend); pt2e: by target (export-x86-pt2e, export-mobile), so one run
     # holds both flows' exports side by side.
     out = run_dir / f"export-{target.backend if target.flow == 'eager' else target.name}"

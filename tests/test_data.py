@@ -8,19 +8,23 @@ from PIL import Image
 
 from kdq.config import Augment
 from kdq.data import (
+    FASHION_MNIST_SMALL,
     DataError,
     Normalize,
     augment,
     batch_crop,
     batch_flip,
     load_cifar,
+    load_dataset,
     load_digits,
     load_fashion_mnist,
+    load_fashion_mnist_small,
     load_image_folder,
     read_cifar_batch,
     shuffled_batches,
     subset_training,
 )
+from kdq.datasets.fashion_mnist_small import write
 
 from .conftest import write_cifar_batch
 from .launch_support import need_debian_fashion_mnist
@@ -265,6 +269,37 @@ def test_debians_fashion_mnist_is_the_real_one(tmp_path):
     ds = load_fashion_mnist(tmp_path)
     assert len(ds.train) == 60_000 and len(ds.test) == 10_000
     assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
+
+
+def test_the_embedded_fashion_mnist_is_the_training_subset_and_the_whole_test_split(tmp_path):
+    """kdq's shipped copy (`make demo`'s data) is `--train-subset 3000` of the real training images, and the
+    original 10,000 test images; rebuilding it from Debian's files gives the same bytes."""
+    need_debian_fashion_mnist()
+    small, full = load_fashion_mnist_small(), load_fashion_mnist(tmp_path)
+    subset = subset_training(full, 3000)
+    assert small.name == "fashion-mnist-small" and small.classes == full.classes
+    assert torch.equal(small.train.images, subset.train.images) and torch.equal(small.train.labels, subset.train.labels)
+    assert torch.equal(small.test.images, full.test.images) and torch.equal(small.test.labels, full.test.labels)
+    assert torch.bincount(small.train.labels).tolist() == [300] * 10
+    write(tmp_path, tmp_path / "rebuilt")
+    for f in FASHION_MNIST_SMALL.iterdir():
+        assert (tmp_path / "rebuilt" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_a_modified_embedded_fashion_mnist_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    import kdq.data
+
+    copy = tmp_path / "fashion-mnist-small"
+    shutil.copytree(FASHION_MNIST_SMALL, copy)
+    monkeypatch.setattr(kdq.data, "FASHION_MNIST_SMALL", copy)
+    labels = copy / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[-1] = (raw[-1] + 1) % 10  # one label changed
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: md5 mismatch.*reinstall kdq"):
+        load_dataset("fashion-mnist-small")
 
 
 # --- CIFAR-100: the python batches of CIFAR-10 with fine and coarse labels, and a meta file --------------------

@@ -151,3 +151,28 @@ def test_certificate_verdict_is_rejected_over_not_proven_over_certified():
     assert certificate_verdict(gates) == "not proven"
     assert certificate_verdict([*gates, {"verdict": FAIL}]) == "rejected"
     assert certificate_verdict(gates[:1]) == "certified"
+
+
+def as_bits(ok: np.ndarray) -> str:
+    return "".join("1" if x else "0" for x in ok)
+
+
+def test_the_kd_gain_is_paired_and_called_a_tie_unless_its_interval_excludes_zero():
+    """`kdq pipeline` and `kdq evaluate` print the KD student against the baseline on the same images: 300 images
+    won and 50 lost of 10,000 is ahead; 60 won and 50 lost is a tie; 50 won and 300 lost is behind."""
+    from kdq.evaluate import paired_gain
+
+    def gain(won: int, lost: int):
+        base, kd = outcomes(10_000, lost, won)
+        return paired_gain({"baseline": {"correct": as_bits(base)}, "student": {"correct": as_bits(kd)}})
+
+    ahead = gain(300, 50)
+    assert ahead.value == pytest.approx(0.025) and ahead.n == 10_000 and ahead.verdict == "ahead"
+    lo, hi = stats.drop_interval(Paired(50, 300, 10_000))
+    assert ahead.ci == (-hi, -lo) and 0 < ahead.ci[0] < 0.025 < ahead.ci[1]
+    assert ahead.p == pytest.approx(stats.mcnemar_p(Paired(50, 300, 10_000))) and ahead.p < 1e-30
+    assert "+2.50 pt" in ahead.sentence() and "student is ahead" in ahead.sentence()
+    tie = gain(60, 50)
+    assert tie.verdict == "tie" and tie.ci[0] < 0 < tie.ci[1] and "a tie" in tie.sentence()
+    assert gain(50, 300).verdict == "behind"
+    assert paired_gain({"baseline": {"top1": 0.8}, "student": {"top1": 0.9}}) is None  # results from before
