@@ -549,9 +549,9 @@ def test_parity_against_another_checkpoint(ws, tmp_path):
         (["teacher", "--preset", "nope"], "Invalid value for '--preset': 'nope' is not one of 'cifar10', 'cifar100', "
          "'demo', 'fashion-mnist', 'smoke'."),
         (["teacher", "--arch", "resnet9"], "Invalid value for '--arch': 'resnet9' is not one of 'resnet20', "
-         "'resnet56', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'."),
+         "'resnet32', 'resnet56', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'."),
         (["distill", "--dataset", "imagenet"], "Invalid value for '--dataset': 'imagenet' is not one of 'digits', "
-         "'fashion-mnist', 'cifar10', 'cifar100', 'folder'."),
+         "'fashion-mnist', 'fashion-mnist-small', 'cifar10', 'cifar100', 'folder'."),
         (["distill", "--kd-loss", "dkd"], "Invalid value for '--kd-loss': 'dkd' is not one of 'hinton', 'dist'."),
         (["quantize", "x.pt", "--backend", "riscv"], "Invalid value for '--backend': 'riscv' is not one of 'x86', "
          "'qnnpack', 'xnnpack'."),
@@ -576,6 +576,7 @@ def test_unknown_export_target_and_model_name(ws, tmp_path):
     fails(
         ["evaluate", tmp_path / "vit.pt", "--out", tmp_path / "e.json"],
         f"{tmp_path / 'vit.pt'}: cannot build its model {saved[ck.ARCH]} (unknown model 'vit_b_16'; choose from: "
-        "resnet20, resnet56, resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v2, mobilenet_v2_hires)",
+        "resnet20, resnet32, resnet56, resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v2, "
+        "mobilenet_v2_hires)",
         tmp_path,
     )

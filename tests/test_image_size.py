@@ -149,7 +149,7 @@ def test_the_subset_and_the_validation_split_are_drawn_before_resizing_to_the_sa
     """load_data resizes only the images it keeps; the splits are those of the resized dataset."""
     preset = dataclasses.replace(get_preset("demo"), image_size=48, train_subset=500)
     data = load_data(preset, RunOptions())
-    full = load_dataset("digits", image_size=48)
+    full = load_dataset(preset.dataset, image_size=48)
     expected = split_validation(subset_training(full, 500), preset.val_fraction, preset.seed)
     assert data.train.images.shape[1:] == (3, 48, 48) and len(data.train) + len(data.val) == 500
     for part in ("train", "val", "test"):
