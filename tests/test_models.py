@@ -67,3 +67,20 @@ def test_student_layouts_hold_their_names_at_every_size(arch, legacy, final_maps
     assert old.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (final_maps, final_maps)
     assert model_macs(m)["macs_per_image"] / 1e6 == pytest.approx(mmacs, rel=0.03)
     assert count_parameters(m) == pytest.approx(2.24e6, rel=0.01)
+
+
+def test_the_demo_student_does_a_ninth_of_its_teachers_work():
+    """README's figures for `make demo`'s pair: MobileNetV2 x0.5 at 7.8 M multiply-adds, 1/9 of the ResNet-32
+    teacher's 69 M, with 1.5x its parameters (the 1,280-channel last layer keeps its width at every multiplier)."""
+    from bench.floor import model_macs
+    from kdq.presets import get_preset
+
+    demo = get_preset("demo")
+    teacher = build_model(demo.teacher, 10).eval()
+    student = build_model(demo.student, 10, width_mult=demo.student_width).eval()
+    t_macs, s_macs = (model_macs(m)["macs_per_image"] / 1e6 for m in (teacher, student))
+    assert (demo.teacher, demo.student_width) == ("resnet32", 0.5)
+    assert t_macs == pytest.approx(69, rel=0.01) and s_macs == pytest.approx(7.8, rel=0.01)
+    assert round(t_macs / s_macs) == 9
+    assert count_parameters(student) / count_parameters(teacher) == pytest.approx(1.5, abs=0.05)
+    assert student.features[-1][0].out_channels == 1280
