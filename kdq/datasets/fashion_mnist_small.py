@@ -33,7 +33,7 @@ def write(data_dir: Path, out: Path = FASHION_MNIST_SMALL) -> None:
     images = train.images[:, 0, 2:-2, 2:-2].numpy()  # back to 28x28 grayscale: the loader pads and repeats
     out.mkdir(parents=True, exist_ok=True)
     for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", train.labels.numpy())):
-        # mtime=0: the same images give the same bytes, so a rebuild leaves git with nothing to commit
+        # mtime=0: on the same Python, the same images give the same bytes and a rebuild leaves git nothing to commit
         (out / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array.astype(np.uint8)), 9, mtime=0))
     source = fashion_mnist_folder(data_dir)
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
