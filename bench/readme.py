@@ -84,9 +84,9 @@ def latency_table(parity: dict) -> Table:
     """The certificate's latency grid: each runtime's median ms, int8 and fp32, per batch size and thread count."""
     cells = {(c["runtime"], c["precision"], c["batch"], c["threads"]): c["ms"] for c in parity["latency"]}
     columns = sorted({(b, t) for _, _, b, t in cells})
-    rows = [[runtime, precision, *(f"{cells[(runtime, precision, b, t)]:.2f}" if (runtime, precision, b, t) in cells
-             else "—" for b, t in columns)]
-            for runtime, precision in dict.fromkeys((r, p) for r, p, _, _ in cells)]  # fmt: skip
+    runtimes = dict.fromkeys((r, p) for r, p, _, _ in cells)  # in the certificate's order
+    rows = [[r, p, *(f"{ms:.2f}" if (ms := cells.get((r, p, b, t))) is not None else "—" for b, t in columns)]
+            for r, p in runtimes]  # fmt: skip
     rounds = len(parity["latency"][0].get("rounds_ms", [])) if parity["latency"] else 0
     title = f"Latency of the exported model, ms: the median of {rounds} interleaved rounds (the certificate's timing)"
     return Table(title, ["runtime", "precision", *(f"b{b} {t}T" for b, t in columns)], rows)

@@ -289,13 +289,10 @@ FASHION_MNIST_SMALL_MD5 = {
 
 def _read_idx(path: Path, md5: str | None) -> np.ndarray:
     """An idx file (uint8 payload), plain or gzipped, checked against `md5`, that of its decompressed bytes."""
-    fix = (
-        "reinstall it: apt-get install --reinstall dataset-fashion-mnist"
-        if path.parent == DEBIAN_FASHION_MNIST
-        else "reinstall kdq"
-        if path.parent == FASHION_MNIST_SMALL
-        else "delete it and re-download (--download)"
-    )
+    fix = {
+        DEBIAN_FASHION_MNIST: "reinstall it: apt-get install --reinstall dataset-fashion-mnist",
+        FASHION_MNIST_SMALL: "reinstall kdq",
+    }.get(path.parent, "delete it and re-download (--download)")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
