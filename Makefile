@@ -57,7 +57,7 @@ format: setup  ## Apply ruff's fixes and formatting
 bench: setup  ## Benchmarks (bench/): training img/s, inference latency, MAC floor; BENCH_ARGS=... -> bench/results/
 	$(RUN) python -m bench $(BENCH_ARGS)
 
-bench-accuracy: setup  ## Fashion-MNIST, 10k test images: teacher, baseline, KD (3 seeds), DIST, int8 (about 1.5 h on 2 cores)
+bench-accuracy: setup  ## Fashion-MNIST, 10k test images: teacher, baseline, KD, DIST (5 seeds), int8, under the demo recipe (~35 min on 2 cores)
 	$(RUN) python -m bench.accuracy $(BENCH_ARGS)
 
 # bench-flows: one run, three QAT students of its float student; FLOWS=fashion-mnist: the demo recipe on 5,000

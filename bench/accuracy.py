@@ -1,28 +1,30 @@
 """`make bench-accuracy`: the seed's table, measured on Fashion-MNIST's 10,000 real test images.
 
-    uv run --frozen python -m bench.accuracy                  # CPU budget: 5,000 training images, 3 seeds
-    uv run --frozen python -m bench.accuracy --full           # the fashion-mnist preset on all 60,000 (a GPU's job)
+    uv run --frozen python -m bench.accuracy                          # the demo's recipe, 5 seeds (CPU, ~35 min)
+    uv run --frozen python -m bench.accuracy --preset fashion-mnist   # all 60,000 training images (a GPU's job)
 
-Method. Every model is trained by kdq's own stages (`kdq.recipes`), with the preset's validation split (10% of
-the training images, stratified by seed) choosing each model's epoch; the numbers are top-1 on the whole test
-split, which no stage reads. The CPU budget trains on a fixed stratified subset of 5,000 training images
-(`Preset.train_subset`, the same images for every seed) with the `fashion-mnist` preset's recipe shortened:
-- teacher: a CIFAR ResNet-20 (one seed: every student of a seed is taught by the same teacher);
-- per seed (default 3): the no-KD baseline, Hinton KD with offline soft targets (teacher logits on unaugmented
-  images), Hinton KD online (the teacher sees the student's augmented batch), DIST offline (Huang et al. 2022);
-- seed 0's offline KD student, made int8 for x86 by QAT-KD (the preset's QAT recipe) and by PTQ;
+Method. Every model is trained by kdq's own stages (`kdq.recipes`) under one recipe (`--preset`; by default the
+demo's: the 3,000-image Fashion-MNIST shipped in kdq, a ResNet-32 teacher, MobileNetV2 x0.5 students), with its
+validation split (10% of the training images, stratified by seed) choosing each model's epoch; the numbers are
+top-1 on the whole test split, which no stage reads.
+- teacher: one seed (every student of a seed is taught by the same teacher);
+- per seed (default 5): the no-KD baseline; Hinton KD with offline soft targets (teacher logits on unaugmented
+  images); Hinton KD online (the teacher sees the student's augmented batch); DIST offline (Huang et al. 2022)
+  blended with CE by the recipe's alpha like Hinton's term, and DIST as its paper weighs it (CE + beta * inter +
+  gamma * intra, beta = gamma = 1: `--kd-weighting sum --alpha 1`);
+- seed 0's offline KD student, made int8 for x86 by QAT-KD (the recipe's QAT) and by PTQ;
 - both student layouts (mobilenet_v2 and mobilenet_v2_hires), seed 0's baseline recipe: float and PTQ int8 accuracy;
-- ONNX Runtime int8 latency, batch 1 and 64, 1 thread: the median of `--rounds` medians (30 runs at batch 1, 5 at
-  batch 64, after 3 warm-up runs).
+- ONNX Runtime int8 latency, batch 1 and 64, 1 thread: for each model and batch, the median of `--rounds`
+  medians (30 runs at batch 1, 5 at batch 64, after 3 warm-up runs); the rounds interleave, each timing every
+  model and batch in turn, so a slow spell of a shared machine is spread over all of them.
 KD gain = KD student minus baseline of the same seed (same split, same initialisation): the mean of these paired
-differences and its 95% t-interval over seeds, a tie unless the interval excludes zero; one seed's accuracy has
-its Wilson interval on the test images;
-int8 drop = float minus int8 accuracy of the same model. The teacher trains on seed 0's training part, so
-it has seen most validation images of seeds 1 and 2: their KD students choose their epoch on images their
-teacher learnt (never on test images; the test numbers are unaffected). Stages are resumable: an interrupted
-run continues from its checkpoints (`--out-dir`). Prints the table; writes
-bench/results/accuracy-fashion-mnist-<time>.json (and -latest.json); README's tables are generated from its
-committed copy, results/accuracy-fashion-mnist.json (`python -m bench.readme`).
+differences and its 95% t-interval over seeds (scipy), a tie unless the interval excludes zero; one seed's
+accuracy has its Wilson interval on the test images; int8 drop = float minus int8 accuracy of the same model.
+The teacher trains on seed 0's training part, so it has seen most validation images of the other seeds: their KD
+students choose their epoch on images their teacher learnt (never on test images; the test numbers are
+unaffected). Stages are resumable: an interrupted run continues from its checkpoints (`--out-dir`). Prints the
+table; writes bench/results/accuracy-fashion-mnist-<time>.json (and -latest.json); README's tables are generated
+from its committed copy, results/accuracy-fashion-mnist.json (`python -m bench.readme`).
 """
 
 from __future__ import annotations
@@ -40,14 +42,14 @@ import torch
 
 from bench.common import Table, environment, finish, print_table, write_results
 from kdq import checkpoint as ck
-from kdq.config import Optim, Preset, with_overrides
+from kdq.config import Preset, with_overrides
 from kdq.data import Normalize, load_dataset
 from kdq.evaluate import median_ms, predict_logits, state_dict_bytes
 from kdq.export import export_onnx
 from kdq.int8run import ort_session
 from kdq.models import count_parameters
 from kdq.parity import batched, ort_runner
-from kdq.presets import get_preset
+from kdq.presets import PRESET_NAMES, get_preset
 from kdq.quant import int8_model, is_quantized
 from kdq.recipes import RunOptions, quantize_static, train_student, train_teacher
 from kdq.stats import wilson
@@ -55,27 +57,25 @@ from kdq.train import CHECKPOINT
 
 RESULTS_NAME = "accuracy-fashion-mnist"
 ONNX_OPSET = 17
+LATENCY_BATCHES = {1: 30, 64: 5}  # batch size: timed runs per round
 
 
-def budget_preset(subset: int, teacher_epochs: int, student_epochs: int) -> Preset:
-    """The fashion-mnist preset, shortened to fit 2 CPU cores: a subset, a ResNet-20 teacher, fewer epochs."""
-    p = get_preset("fashion-mnist")
-    return with_overrides(
-        p,
-        name="fashion-mnist-budget",
-        train_subset=subset,
-        teacher="resnet20",
-        teacher_optim=Optim(epochs=teacher_epochs, lr=0.1, batch_size=64),
-        student_optim=Optim(epochs=student_epochs, lr=0.1, batch_size=64),
-        quant=with_overrides(p.quant, qat_optim=Optim(epochs=2, lr=0.01, batch_size=64, schedule="cosine")),
-    )
+def bench_preset(args: argparse.Namespace) -> Preset:
+    """`--preset`, with the epochs and subset the options give (a tiny setting for tests)."""
+    p = get_preset(args.preset)
+    if args.teacher_epochs:
+        p = with_overrides(p, teacher_optim=with_overrides(p.teacher_optim, epochs=args.teacher_epochs))
+    if args.epochs:
+        p = with_overrides(p, student_optim=with_overrides(p.student_optim, epochs=args.epochs))
+    return with_overrides(p, train_subset=args.subset or None)
 
 
 class Bench:
     def __init__(self, preset: Preset, out_dir: Path, data_dir: Path):
         self.preset, self.out = preset, out_dir
         self.opts = RunOptions(data_dir=data_dir, resume=True)
-        self.test = load_dataset(preset.dataset, data_dir, image_size=preset.image_size).test
+        splits = load_dataset(preset.dataset, data_dir, image_size=preset.image_size)
+        self.test, self.train_images = splits.test, preset.train_subset or len(splits.train)
         self.seconds: dict[str, float] = {}
 
     def timed(self, name: str, make):
@@ -125,24 +125,31 @@ class Bench:
             ),  # fmt: skip
         )
 
-    def ort(self, path: Path, rounds: int) -> dict:
-        """ORT int8 test accuracy and latency (1 thread, batch 1 and 64) of an int8 checkpoint."""
-        ckpt = ck.load_checkpoint(path)
-        model = int8_model(ckpt, path)
+    def ort(self, paths: dict[str, Path], rounds: int) -> dict[str, dict]:
+        """ORT int8 test accuracy, file size and latency (1 thread, batch 1 and 64) of int8 checkpoints, by name.
+
+        Latency rounds interleave: each round times every model at every batch size once (`LATENCY_BATCHES`)."""
+        sessions, inputs, out = {}, {}, {}
         with tempfile.TemporaryDirectory() as tmp:
-            onnx = Path(tmp) / "model.onnx"
-            export_onnx(model, onnx, ONNX_OPSET, ck.input_size(ckpt))
-            session = ort_session(str(onnx))
-            x = Normalize(**ckpt[ck.NORMALIZATION])(self.test.images).contiguous().numpy()
-            top1 = float((batched(ort_runner(session), x).argmax(1) == self.test.labels.numpy()).mean())
-            latency = {}
-            for batch in (1, 64):
-                step = lambda xb=x[:batch]: session.run(None, {"input": xb})  # noqa: E731
-                runs = [median_ms(step, 3, 30 if batch == 1 else 5) for _ in range(rounds)]
-                latency[f"b{batch}"] = float(np.median(runs))
-            size = onnx.stat().st_size
-        return {"ort_int8_top1": top1, "ort_int8_ms": latency, "onnx_bytes": size,
-                "int8_bytes": state_dict_bytes(model)}  # fmt: skip
+            for name, path in paths.items():
+                ckpt = ck.load_checkpoint(path)
+                model = int8_model(ckpt, path)
+                onnx = Path(tmp) / f"{name}.onnx"
+                export_onnx(model, onnx, ONNX_OPSET, ck.input_size(ckpt))
+                sessions[name] = session = ort_session(str(onnx))  # one thread
+                x = inputs[name] = Normalize(**ckpt[ck.NORMALIZATION])(self.test.images).contiguous().numpy()
+                top1 = float((batched(ort_runner(session), x).argmax(1) == self.test.labels.numpy()).mean())
+                out[name] = {"ort_int8_top1": top1, "onnx_bytes": onnx.stat().st_size,
+                             "int8_bytes": state_dict_bytes(model)}  # fmt: skip
+        timings: dict[tuple[str, int], list[float]] = {}
+        for _ in range(rounds):
+            for name, session in sessions.items():
+                for batch, runs in LATENCY_BATCHES.items():
+                    step = lambda s=session, xb=inputs[name][:batch]: s.run(None, {"input": xb})  # noqa: E731
+                    timings.setdefault((name, batch), []).append(median_ms(step, 3, runs))
+        for name in paths:
+            out[name]["ort_int8_ms"] = {f"b{b}": float(np.median(timings[name, b])) for b in LATENCY_BATCHES}
+        return out
 
 
 def describe(path: Path) -> dict:
@@ -158,7 +165,7 @@ def describe(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    preset = get_preset("fashion-mnist") if args.full else budget_preset(args.subset, args.teacher_epochs, args.epochs)
+    preset = bench_preset(args)
     bench = Bench(preset, args.out_dir, args.data_dir)
     teacher = bench.timed("teacher", lambda: train_teacher(preset, args.out_dir, bench.opts))
     models: dict[str, dict] = {"teacher": {**describe(teacher), "top1": [bench.accuracy(teacher)]}}
@@ -167,27 +174,29 @@ def run(args: argparse.Namespace) -> dict:
         "kd_offline": dict(online=False),
         "kd_online": dict(online=True),
         "dist_offline": dict(kd_loss="dist", online=False),
+        "dist_paper": dict(kd_loss="dist", kd_weighting="sum", alpha=1.0, online=False),
     }
     paths: dict[str, dict[int, Path]] = {name: {} for name in variants}
     for seed in range(args.seeds):  # seed by seed: a cut-short run still has complete seeds
         for name, changes in variants.items():
             paths[name][seed] = bench.student(name, seed, **changes)
         if seed == 0:
-            paths["baseline_os8"] = {0: bench.student("baseline_os8", 0, alpha=0.0, student="mobilenet_v2_hires")}
+            paths["baseline_hires"] = {0: bench.student("baseline_hires", 0, alpha=0.0, student="mobilenet_v2_hires")}
     for name, by_seed in paths.items():
         models[name] = {**describe(by_seed[0]), "top1": [bench.accuracy(p) for p in by_seed.values()]}
     int8 = {
         "kd_offline_qat": bench.int8(paths["kd_offline"][0], "qat"),
         "kd_offline_ptq": bench.int8(paths["kd_offline"][0], "ptq"),
         "baseline_ptq": bench.int8(paths["baseline"][0], "ptq"),
-        "baseline_os8_ptq": bench.int8(paths["baseline_os8"][0], "ptq"),
+        "baseline_hires_ptq": bench.int8(paths["baseline_hires"][0], "ptq"),
     }
+    onnx = bench.ort(int8, args.rounds)
     for name, path in int8.items():
         source = name.rsplit("_", 1)[0]
         models[name] = {"arch": models[source]["arch"], "parameters": models[source]["parameters"],
-                        "float_model": source, "top1": [bench.accuracy(path)],
-                        **bench.ort(path, args.rounds)}  # fmt: skip
-    return {"preset": preset.to_dict(), "full": args.full, "seeds": args.seeds, "test_images": len(bench.test),
+                        "float_model": source, "top1": [bench.accuracy(path)], **onnx[name]}  # fmt: skip
+    return {"preset": preset.to_dict(), "seeds": args.seeds, "test_images": len(bench.test),
+            "train_images": bench.train_images,
             "models": models, "stage_seconds": bench.seconds}  # fmt: skip
 
 
@@ -226,18 +235,19 @@ def summary_rows(result: dict) -> list[list[str]]:
     base = m["baseline"]["top1"]
     rows = []
     labels = {
-        "teacher": "teacher (ResNet)",
+        "teacher": "teacher",
         "baseline": "student, no KD (baseline)",
         "kd_offline": "student, Hinton KD offline",
         "kd_online": "student, Hinton KD online",
-        "dist_offline": "student, DIST KD offline",
+        "dist_offline": "student, DIST KD offline (alpha-blend)",
+        "dist_paper": "student, DIST KD offline (paper: CE + inter + intra)",
         "kd_offline_qat": "student int8, QAT-KD (x86)",
         "kd_offline_ptq": "student int8, PTQ of KD student (x86)",
     }
     for name, label in labels.items():
         r = m[name]
         gain = drop = "—"
-        if name in ("kd_offline", "kd_online", "dist_offline"):
+        if name in ("kd_offline", "kd_online", "dist_offline", "dist_paper"):
             gain = gain_cell([100 * (k - b) for k, b in zip(r["top1"], base, strict=True)])
         if "float_model" in r:
             drop = f"{100 * (m[r['float_model']]['top1'][0] - r['top1'][0]):.2f} pt"
@@ -255,7 +265,7 @@ SUMMARY_HEADER = ["model", "arch", "test acc % [95% CI]", "params", "size MB", "
 def layout_rows(result: dict) -> list[list[str]]:
     m = result["models"]
     rows = []
-    for float_name in ("baseline", "baseline_os8"):
+    for float_name in ("baseline", "baseline_hires"):
         f, q = m[float_name], m[f"{float_name}_ptq"]
         rows.append([f["arch"], f"{100 * f['top1'][0]:.2f}", f"{100 * q['top1'][0]:.2f}",
                      f"{100 * q['ort_int8_top1']:.2f}", f"{q['ort_int8_ms']['b1']:.2f}",
@@ -268,6 +278,8 @@ PAIRED = [
     ("kd_online", "kd_offline", "KD online - offline"),
     ("dist_offline", "kd_offline", "DIST - Hinton KD (offline)"),
     ("dist_offline", "baseline", "DIST - no KD"),
+    ("dist_paper", "dist_offline", "DIST, paper's weighting - alpha-blend"),
+    ("dist_paper", "kd_offline", "DIST, paper's weighting - Hinton KD"),
 ]
 
 
@@ -288,10 +300,10 @@ LAYOUT_HEADER = ["student layout", "float acc %", "PTQ int8 acc % (PyTorch)", "P
 
 
 def tables(result: dict) -> list[Table]:
-    n, subset = result["test_images"], result["preset"]["train_subset"]
-    data = f"{subset:,} training images (class-balanced subset)" if subset else "all training images"
+    n, dataset = result["test_images"], result["preset"]["dataset"]
+    data = f"{dataset}, {result['train_images']:,} training images"
     return [
-        Table(f"Fashion-MNIST: {data}, top-1 on the {n:,} test images", SUMMARY_HEADER, summary_rows(result),
+        Table(f"{data}, top-1 on the {n:,} test images", SUMMARY_HEADER, summary_rows(result),
               "ORT: ONNX Runtime, 1 thread, median of rounds of medians; seed 0's model where n=1."),
         Table("Paired by seed: a tie unless the interval excludes zero", PAIRED_HEADER, paired_rows(result)),
         Table("Student layouts under one budget (the baseline recipe, seed 0; int8 = PTQ for x86)", LAYOUT_HEADER,
@@ -309,12 +321,14 @@ def show(result: dict) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="dataset root (Debian's files otherwise)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench-accuracy"), help="run folder (resumable)")
-    parser.add_argument("--full", action="store_true", help="the fashion-mnist preset on all 60,000 (GPU)")
-    parser.add_argument("--subset", type=int, default=5000, help="training images of the CPU budget")
-    parser.add_argument("--teacher-epochs", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=10, help="student epochs of the CPU budget")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    parser.add_argument("--preset", default="demo", choices=PRESET_NAMES,
+                        help="the recipe every model trains under: demo (CPU) or fashion-mnist (GPU)")  # fmt: skip
+    parser.add_argument("--subset", type=int, default=0, help="train on a class-balanced subset of N images")
+    parser.add_argument("--teacher-epochs", type=int, default=0, help="teacher epochs  [default: the recipe's]")
+    parser.add_argument("--epochs", type=int, default=0, help="student epochs  [default: the recipe's]")
+    parser.add_argument("--seeds", type=int, default=5, help="student seeds (KD gains are paired by seed)")
+    parser.add_argument("--rounds", type=int, default=3, help="latency rounds, each timing every model in turn")
+    parser.add_argument("--name", default=RESULTS_NAME, help="results file name: bench/results/NAME-<time>.json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -326,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     env["seconds"] = time.perf_counter() - t0
     show(result)
-    print(f"-> {write_results(RESULTS_NAME, {'environment': finish(env), **result})}")
+    print(f"-> {write_results(args.name, {'environment': finish(env), **result})}")
 
 
 if __name__ == "__main__":

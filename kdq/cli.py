@@ -18,6 +18,7 @@ from kdq.config import (
     DATASETS,
     FLOWS,
     KD_LOSSES,
+    KD_WEIGHTINGS,
     TEACHERS,
     Preset,
     qat_stage,
@@ -334,6 +335,13 @@ def _student_options(f):
                 "them across classes and across the batch, Huang et al. 2022)  [default: the preset's]",
             ),
             click.option(
+                "--kd-weighting",
+                type=click.Choice(KD_WEIGHTINGS),
+                default=None,
+                help="How alpha weighs the teacher term: blend (alpha * teacher + (1 - alpha) * cross-entropy) or "
+                "sum (cross-entropy + alpha * teacher, the DIST paper's form)  [default: the preset's, blend]",
+            ),
+            click.option(
                 "--stage",
                 default=None,
                 help="Output folder under RUN  [default: student, baseline, or student_qat (student_qat_pt2e_BACKEND "
@@ -386,6 +394,7 @@ def _train_student(
     teacher_path,
     online,
     kd_loss,
+    kd_weighting,
     stage,
     qat,
     init,
@@ -399,7 +408,13 @@ def _train_student(
 
     changes = optim
     preset = with_overrides(
-        preset, alpha=alpha, temperature=temperature, student_dropout=dropout, student_width=width, kd_loss=kd_loss
+        preset,
+        alpha=alpha,
+        temperature=temperature,
+        student_dropout=dropout,
+        student_width=width,
+        kd_loss=kd_loss,
+        kd_weighting=kd_weighting,
     )
     preset = with_overrides(preset, student_weights=weights)
     preset = with_overrides(preset, augment=with_overrides(preset.augment, **augment))
@@ -414,7 +429,7 @@ def _train_student(
         init = init or (default_init if default_init.exists() else None)
     else:
         preset = with_overrides(preset, student_optim=with_overrides(preset.student_optim, **changes))
-    KDLoss(preset.alpha, preset.temperature, kind=preset.kd_loss)  # validate before any data is loaded
+    KDLoss(preset.alpha, preset.temperature, kind=preset.kd_loss, weighting=preset.kd_weighting)  # before any data
     stage = stage or (
         qat_stage(preset.quant.flow, preset.quant.backend) if qat else "student" if preset.alpha > 0 else "baseline"
     )

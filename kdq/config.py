@@ -34,6 +34,9 @@ def stem_for(image_size: int) -> str:
 
 SCHEDULES = ("onecycle", "cosine")  # per-step learning-rate schedules (kdq.train.make_scheduler)
 KD_LOSSES = ("hinton", "dist")  # kdq.losses: Hinton et al. 2015; DIST, Huang et al. 2022
+# How the soft term meets cross-entropy (kdq.losses.KDLoss): "blend", alpha * soft + (1 - alpha) * CE (Hinton et
+# al.); "sum", CE + alpha * soft (Huang et al.'s DIST: CE + beta * inter + gamma * intra, beta = gamma = alpha).
+KD_WEIGHTINGS = ("blend", "sum")
 # int8 backends of each quantization flow (kdq.quant): x86 (servers, laptops); for ARM, the eager flow's qnnpack
 # engine or the pt2e flow's XNNPACK (ExecuTorch).
 FLOW_BACKENDS = {"eager": ("x86", "qnnpack"), "pt2e": ("x86", "xnnpack")}
@@ -119,6 +122,7 @@ class Preset:
     temperature: float = 4.0  # Hinton et al.: softened teacher distribution
     alpha: float = 0.7  # weight of the soft (teacher) term; 0 = plain supervised baseline
     kd_loss: str = "hinton"  # the soft term: "hinton" (KL of softened distributions) or "dist" (kdq.losses)
+    kd_weighting: str = "blend"  # KD_WEIGHTINGS: alpha blends the soft term with CE, or weighs it added to CE
     # Online: the teacher runs on the student's own augmented batch (Beyer et al. 2022, "consistent" teaching);
     # offline: its logits on the unaugmented images, computed once (RUN/soft_targets.pt).
     kd_online: bool = False

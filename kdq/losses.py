@@ -8,7 +8,7 @@ import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
-from kdq.config import KD_LOSSES
+from kdq.config import KD_LOSSES, KD_WEIGHTINGS
 
 
 def hinton_soft_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,6 +52,9 @@ SOFT_LOSSES = {"hinton": hinton_soft_loss, "dist": dist_soft_loss}
 class KDLoss(nn.Module):
     """loss = alpha * soft(student, teacher, T) + (1 - alpha) * CE(s, y), soft = `kind`'s term (T^2-scaled).
 
+    `weighting` "sum" gives CE(s, y) + alpha * soft instead: the form of the DIST paper (CE + beta * inter +
+    gamma * intra, here beta = gamma = alpha), whose results were measured with CE at full weight.
+
     Shapes: student and teacher logits (N, C); targets (N,) class indices or (N, C) probabilities
     (CutMix/MixUp). The T^2 factor keeps the soft term's gradients on the hard term's scale when T
     changes. Both terms are computed in fp32 and returned separately so they can be logged.
@@ -59,7 +62,12 @@ class KDLoss(nn.Module):
     """
 
     def __init__(
-        self, alpha: float = 0.7, temperature: float = 4.0, label_smoothing: float = 0.0, kind: str = "hinton"
+        self,
+        alpha: float = 0.7,
+        temperature: float = 4.0,
+        label_smoothing: float = 0.0,
+        kind: str = "hinton",
+        weighting: str = "blend",
     ):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -68,7 +76,10 @@ class KDLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if kind not in KD_LOSSES:
             raise ValueError(f"unknown KD loss {kind!r}; choose from: {', '.join(KD_LOSSES)}")
+        if weighting not in KD_WEIGHTINGS:
+            raise ValueError(f"unknown KD weighting {weighting!r}; choose from: {', '.join(KD_WEIGHTINGS)}")
         self.alpha, self.temperature, self.label_smoothing = alpha, temperature, label_smoothing
+        self.hard_weight = 1.0 if weighting == "sum" else 1 - alpha
         self.soft_loss = SOFT_LOSSES[kind]
 
     def forward(
@@ -81,4 +92,4 @@ class KDLoss(nn.Module):
         if teacher is None:
             raise ValueError("alpha > 0 needs teacher logits")
         soft = self.soft_loss(student, teacher.float(), self.temperature)
-        return self.alpha * soft + (1 - self.alpha) * hard, soft, hard
+        return self.alpha * soft + self.hard_weight * hard, soft, hard

@@ -23,6 +23,7 @@ from kdq.config import (
     FLOW_BACKENDS,
     FLOWS,
     KD_LOSSES,
+    KD_WEIGHTINGS,
     SCHEDULES,
     STUDENTS,
     TEACHERS,
@@ -42,6 +43,7 @@ PRESET_NAMES = tuple(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
 # Allowed values, by field name (wherever the field sits).
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS, "teacher": TEACHERS + STUDENTS, "student": STUDENTS, "kd_loss": KD_LOSSES,
+    "kd_weighting": KD_WEIGHTINGS,
     "schedule": SCHEDULES, "flow": FLOWS, "backend": BACKENDS,
 }  # fmt: skip
 _RULES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (

@@ -169,7 +169,8 @@ def train_student(
     if rt.is_main:
         check_writable(run_dir / stage, create=False)  # before the data and the teacher load
     data = load_data(preset, opts)
-    distill = Distill(alpha=preset.alpha, temperature=preset.temperature, kd_loss=preset.kd_loss)
+    distill = Distill(alpha=preset.alpha, temperature=preset.temperature, kd_loss=preset.kd_loss,
+                      kd_weighting=preset.kd_weighting)  # fmt: skip
     if preset.alpha > 0:
         teacher_path = Path(teacher_path or run_dir / "teacher" / CHECKPOINT)
         if preset.kd_online if online is None else online:

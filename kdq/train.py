@@ -54,6 +54,7 @@ class Distill:
     alpha: float = 0.7
     temperature: float = 4.0
     kd_loss: str = "hinton"  # the soft term (kdq.losses)
+    kd_weighting: str = "blend"  # how it meets cross-entropy (kdq.config.KD_WEIGHTINGS)
     teacher: nn.Module | None = None  # online: forward on the same augmented batch, no grad
     soft_targets: torch.Tensor | None = None  # offline: (N_train, C) teacher logits on unaugmented images
     taught_by: dict | None = None  # the teacher file's sha256 (and the soft targets' data): part of the recipe
@@ -215,7 +216,8 @@ def fit(
     """
     out_dir = Path(out_dir)
     distill = distill or Distill(alpha=0.0)
-    criterion = KDLoss(distill.alpha, distill.temperature, optim.label_smoothing, distill.kd_loss)  # checks them
+    criterion = KDLoss(distill.alpha, distill.temperature, optim.label_smoothing, distill.kd_loss,
+                       distill.kd_weighting)  # checks them  # fmt: skip
     _check_settings(data, optim, aug, distill, rt, out_dir / CHECKPOINT, resume or overwrite)
     if rt.is_main:  # only rank 0 writes; fail now, not after the first epoch
         check_writable(out_dir)
@@ -229,6 +231,7 @@ def fit(
         "alpha": distill.alpha,
         "temperature": distill.temperature,
         **({"kd_loss": distill.kd_loss} if distill.alpha > 0 and distill.kd_loss != "hinton" else {}),
+        **({"kd_weighting": distill.kd_weighting} if distill.alpha > 0 and distill.kd_weighting != "blend" else {}),
         "val_images": len(data.val) if data.val is not None else 0,  # the split is part of what a resume continues
         **({"train_images": len(data.train)} if preset.get("train_subset") else {}),  # ... and so is a subset
         **({"taught_by": distill.taught_by} if distill.taught_by else {}),  # resuming with another teacher fails

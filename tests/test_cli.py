@@ -120,6 +120,19 @@ def test_evaluate_refuses_a_checkpoint_that_runs_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_kd_weighting_sum_trains_with_cross_entropy_at_full_weight(smoke_run, tmp_path):
+    """`--kd-weighting sum` (the DIST paper's CE + alpha * soft) reaches the loss the student trains on, and the
+    checkpoint's recipe records it (a resume under the other weighting would then be refused)."""
+    result = invoke("distill", "--preset", "smoke", "--run-dir", tmp_path, "--device", "cpu", "--epochs", "1",
+                    "--teacher", smoke_run / "teacher" / "checkpoint.pt", "--kd-loss", "dist", "--alpha", "0.5",
+                    "--kd-weighting", "sum", "--no-tensorboard")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = ck.load_checkpoint(tmp_path / "student" / "checkpoint.pt")
+    assert saved[ck.RECIPE]["kd_weighting"] == "sum" and saved[ck.RECIPE]["kd_loss"] == "dist"
+    epoch = saved["history"][0]
+    assert epoch["train_loss"] == pytest.approx(epoch["train_hard_loss"] + 0.5 * epoch["train_soft_loss"], rel=1e-4)
+
+
 def test_checkpoint_of_another_architecture_is_refused(smoke_run, tmp_path):
     saved = ck.load_checkpoint(smoke_run / "student" / "checkpoint.pt")
     saved[ck.ARCH] = {**saved[ck.ARCH], "kwargs": {"width_mult": 1.0}}  # the weights are a 0.35x student

@@ -553,6 +553,8 @@ def test_parity_against_another_checkpoint(ws, tmp_path):
         (["distill", "--dataset", "imagenet"], "Invalid value for '--dataset': 'imagenet' is not one of 'digits', "
          "'fashion-mnist', 'fashion-mnist-small', 'cifar10', 'cifar100', 'folder'."),
         (["distill", "--kd-loss", "dkd"], "Invalid value for '--kd-loss': 'dkd' is not one of 'hinton', 'dist'."),
+        (["distill", "--kd-weighting", "mean"], "Invalid value for '--kd-weighting': 'mean' is not one of 'blend', "
+         "'sum'."),
         (["quantize", "x.pt", "--backend", "riscv"], "Invalid value for '--backend': 'riscv' is not one of 'x86', "
          "'qnnpack', 'xnnpack'."),
         (["quantize", "x.pt", "--flow", "fx"], "Invalid value for '--flow': 'fx' is not one of 'eager', 'pt2e'."),

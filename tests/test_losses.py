@@ -101,6 +101,17 @@ def test_dist_matches_hand_computation():
     assert total.item() == pytest.approx(alpha * soft.item() + (1 - alpha) * F.cross_entropy(torch.tensor(s), y).item())
 
 
+@pytest.mark.parametrize("kind", ["hinton", "dist"])
+def test_sum_weighting_keeps_cross_entropy_at_full_weight(kind):
+    """The DIST paper's form: CE + beta * inter + gamma * intra, with beta = gamma = alpha, for either term."""
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    total, soft, hard = KDLoss(0.4, 4.0, kind=kind, weighting="sum")(s, y, t)
+    assert hard.item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert total.item() == pytest.approx(hard.item() + 0.4 * soft.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown KD weighting 'mean'"):
+        KDLoss(0.4, 4.0, weighting="mean")
+
+
 def test_dist_is_zero_for_the_teacher_itself_and_positive_for_another():
     s, t = torch.randn(16, 10), torch.randn(16, 10)
     loss = KDLoss(1.0, 1.0, kind="dist")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kdq import checkpoint as ck
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,26 @@ def test_make_bench_writes_its_results(tmp_path):
     results = json.loads(latest.read_text())
     assert {"training", "inference", "floor"} <= set(results)
     assert set(results["inference"]["sizes_bytes"]["int8"]) == {"state_dict", "torchscript", "onnx"}
+
+
+def test_make_bench_accuracy_writes_its_tables(tmp_path):
+    """`make bench-accuracy` end to end on the smoke recipe: every model of the seed's table, two seeds paired,
+    the int8 models timed in interleaved rounds, the JSON written, README's tables made from it."""
+    from bench.accuracy import tables
+
+    tiny = (f"--preset smoke --subset 600 --seeds 2 --teacher-epochs 1 --epochs 1 --rounds 2 --out-dir {tmp_path / 'run'} "
+            "--name accuracy-smoke")  # fmt: skip
+    r = make("bench-accuracy", f"BENCH_ARGS={tiny}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((ROOT / "bench" / "results" / "accuracy-smoke-latest.json").read_text())
+    models = result["models"]
+    for name in ("baseline", "kd_offline", "kd_online", "dist_offline", "dist_paper"):
+        assert len(models[name]["top1"]) == 2, name
+    for name in ("kd_offline_qat", "kd_offline_ptq", "baseline_ptq", "baseline_hires_ptq"):
+        assert set(models[name]["ort_int8_ms"]) == {"b1", "b64"} and 0 < models[name]["ort_int8_top1"] <= 1
+    assert models["baseline_hires"]["arch"] == "mobilenet_v2_hires"
+    paper = ck.load_checkpoint(tmp_path / "run" / "seed1" / "dist_paper" / "checkpoint.pt")[ck.RECIPE]
+    assert (paper["kd_loss"], paper["kd_weighting"], paper["alpha"]) == ("dist", "sum", 1.0)
+    rendered = {t.title: t.rows for t in tables(result)}
+    assert any("(n=2)" in cell for rows in rendered.values() for row in rows for cell in row)
+    assert "Paired by seed" in r.stdout

@@ -81,6 +81,8 @@ def test_a_file_names_only_what_differs_and_takes_its_name_from_the_file(tmp_pat
         ('dataset = "digits"\nteacher = "resnet20"\n[student_optim]\nepochs = 1\nlr = 0\n',
          "student_optim.lr: 0.0 is out of range (must be > 0)"),
         ('dataset = "mnist"\nteacher = "resnet20"\n', "dataset: 'mnist' is not one of: digits"),
+        ('dataset = "digits"\nteacher = "resnet20"\nkd_weighting = "mean"\n',
+         "kd_weighting: 'mean' is not one of: blend, sum"),
         ('dataset = "digits"\nteacher = "resnet20"\n[augment]\nflip = 1\n', "augment.flip: expected bool, got 1"),
         ('dataset = "digits"\nteacher = "resnet20"\naugment = 3\n', "augment: expected a table"),
         ('dataset = "digits"\nteacher = "resnet20"\n[quant]\nflow = "pt2e"\nbackend = "qnnpack"\n',
