@@ -37,8 +37,8 @@ def test_make_bench_accuracy_writes_its_tables(tmp_path):
     the int8 models timed in interleaved rounds, the JSON written, README's tables made from it."""
     from bench.accuracy import tables
 
-    tiny = (f"--preset smoke --subset 600 --seeds 2 --teacher-epochs 1 --epochs 1 --rounds 2 --out-dir {tmp_path / 'run'} "
-            "--name accuracy-smoke")  # fmt: skip
+    tiny = ("--preset smoke --subset 600 --seeds 2 --teacher-epochs 1 --epochs 1 --rounds 2 --name accuracy-smoke "
+            f"--out-dir {tmp_path / 'run'}")  # fmt: skip
     r = make("bench-accuracy", f"BENCH_ARGS={tiny}")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((ROOT / "bench" / "results" / "accuracy-smoke-latest.json").read_text())
