@@ -18,19 +18,9 @@ import time
 import warnings
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import RESULTS, Table, cpu_info, environment, finish, print_table, write_results
-from kdq.models import build_model
-
-
-def model_macs(model: torch.nn.Module, image_size: int = 32) -> dict:
-    """MACs of one image through `model`, total and per operator (FlopCounterMode reports FLOPs = 2 x MACs)."""
-    with FlopCounterMode(display=False) as counter:
-        with torch.no_grad():
-            model.eval()(torch.randn(1, 3, image_size, image_size))
-    per_op = {str(op).removeprefix("aten."): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
-    return {"macs_per_image": counter.get_total_flops() // 2, "per_op": per_op}
+from kdq.models import build_model, model_macs
 
 
 def theoretical_peak(cpu: dict) -> dict:

@@ -603,6 +603,60 @@ def export_cmd(checkpoint: Path, target, out, data_dir, verify, latency_runs, ov
     click.echo(f"-> {out}")
 
 
+@main.command("plan")
+@click.option("--target", default="x86", help="Export target whose runtime and int8 flow time the candidates.")
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="Latency budget: int8 milliseconds per batch, on this CPU.")  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=1), default=1, help="Images per call.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, help="ONNX Runtime intra-op threads.")
+@click.option("--image-size", type=click.IntRange(16, 1024), default=32, help="Model input, px (square).")
+@click.option("--classes", type=click.IntRange(min=2), default=10, help="Classifier outputs.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, help="Interleaved timing rounds.")
+@click.option("--runs", type=click.IntRange(min=1), default=20, help="Timed calls per model per round.")
+@click.option(
+    "--candidate",
+    "candidates",
+    multiple=True,
+    metavar="NAME",
+    help="Time only these (repeat the option)  [default: every one: mobilenet_v2_x0.35 ... resnet20]",
+)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="JSON file  [default: runs/plan/TARGET-bBATCH-tTHREADS.json]")  # fmt: skip
+def plan_cmd(target, budget_ms, batch, threads, image_size, classes, rounds, runs, candidates, out) -> None:
+    """Time every student candidate's int8 and fp32 model on this CPU; mark those within a latency budget.
+
+    \b
+    Candidates: MobileNetV2 (both layouts) at widths 0.35, 0.5, 0.75 and 1.0, and CIFAR ResNet-8, -14 and -20.
+    Latency needs no training: each is built untrained, made int8 by the target's flow (PTQ on random images),
+    exported to ONNX and timed in ONNX Runtime; a figure is the median of interleaved rounds.
+    Prints the table, fastest first, and writes it as JSON.
+    """
+    from tqdm import tqdm
+
+    from kdq import plan
+    from kdq.artifacts import load_target
+    from kdq.files import check_writable, save_json
+
+    t = load_target(target)
+    out = out or Path("runs") / "plan" / f"{t.name}-b{batch}-t{threads}.json"
+    check_writable(out.parent)
+    plan.check_target(t)
+    family = plan.candidates(candidates)
+    settings = dict(batch=batch, threads=threads, image_size=image_size, num_classes=classes, rounds=rounds, runs=runs)
+    with tqdm(total=len(family) + rounds, desc="kdq plan", disable=None) as bar:
+
+        def progress(what: str) -> None:
+            bar.set_postfix_str(what)
+            bar.update()
+
+        rows = plan.measure(family, t, progress=progress, **settings)
+    result = plan.report(rows, t, budget_ms, batch, threads, image_size=image_size, num_classes=classes,
+                         rounds=rounds, runs=runs)  # fmt: skip
+    save_json(result, out)
+    click.echo(plan.format_table(result))
+    click.echo(f"-> {out}")
+
+
 @main.command()
 @run_options
 @click.option("--latency-runs", type=int, default=None, help="Export certificate: timed runs per latency cell.")

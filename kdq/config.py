@@ -14,7 +14,7 @@ from typing import TypeVar
 # The choices the CLI offers, here (not beside their code) so that `kdq --help` needs no torch import.
 DATASETS = ("digits", "fashion-mnist", "fashion-mnist-small", "cifar10", "cifar100", "folder")
 # He et al. 2016 (sec. 4.2): the CPU-sized teachers of the KD literature's tables
-CIFAR_RESNETS = ("resnet20", "resnet32", "resnet56")
+CIFAR_RESNETS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet56")
 TEACHERS = (*CIFAR_RESNETS, "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # MobileNetV2 in two layouts (kdq.models says more): mobilenet_v2 strides all but the stem up to 64 px (2x2 final
 # maps at 32 px, 24.5 M MACs); mobilenet_v2_hires also keeps the 24-channel stage at stride 1, final maps 2x finer at

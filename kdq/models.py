@@ -9,8 +9,12 @@ from urllib.error import URLError
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.quantization import DeQuantStub, QuantStub
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import get_model_weights, resnet
 from torchvision.models.quantization.mobilenetv2 import QuantizableInvertedResidual, QuantizableMobileNetV2
+from torchvision.models.quantization.resnet import QuantizableBasicBlock
+from torchvision.models.quantization.utils import _fuse_modules
 
 from kdq.config import CIFAR_RESNETS, STUDENTS, TEACHERS
 from kdq.errors import KdqError
@@ -24,7 +28,12 @@ class CifarResNet(nn.Module):
     """The CIFAR ResNet of He et al. 2016 (sec. 4.2): depth 6n+2, three stages of n basic blocks at 16, 32
     and 64 channels. ResNet-56 has 0.86 M parameters and 125 M MACs at 32x32 (ResNet-18: 11 M and 556 M), a
     teacher that trains in seconds on a CPU. Shortcuts that change shape are 1x1 conv + BN (option B; the paper
-    used zero-padding, option A)."""
+    used zero-padding, option A).
+
+    Ready for eager int8 like the student, so that a teacher can be quantized itself (the baseline any student
+    must beat) and a shallow one (`resnet8`, `resnet14`) can be a student: quant/dequant stubs (identities in
+    float), torchvision's quantizable basic block (residual add + ReLU as one `FloatFunctional`), `fuse_model`,
+    and a float classifier after the dequantize. Its state_dict is the plain network's."""
 
     def __init__(self, depth: int, num_classes: int = 10, stem: str = "cifar"):
         super().__init__()
@@ -40,17 +49,28 @@ class CifarResNet(nn.Module):
                 down = None
                 if stride != 1 or inplanes != planes:
                     down = nn.Sequential(resnet.conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes))
-                layers.append(resnet.BasicBlock(inplanes, planes, stride, down))
+                layers.append(QuantizableBasicBlock(inplanes, planes, stride, down))
                 inplanes = planes
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(64, num_classes)
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    @property
+    def classifier(self) -> nn.Linear:
+        """The layer that stays float in int8 (`kdq.quant`), under the student's name for it."""
+        return self.fc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.stem(x))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        x = self.layers(self.stem(self.quant(x)))
+        return self.fc(self.dequant(F.adaptive_avg_pool2d(x, 1).flatten(1)))
+
+    def fuse_model(self, is_qat: bool | None = None) -> None:
+        _fuse_modules(self.stem, ["0", "1", "2"], is_qat, inplace=True)
+        for block in self.layers:
+            block.fuse_model(is_qat)
 
 
 def _check_stem(stem: str) -> str:
@@ -146,6 +166,20 @@ def count_parameters(model: nn.Module) -> int:
             bias = m.bias()
             n += m.weight().numel() + (bias.numel() if bias is not None else 0)
     return n
+
+
+def model_macs(model: nn.Module, image_size: int = 32) -> dict:
+    """MACs of one image through `model`, total and per operator (FlopCounterMode reports FLOPs = 2 x MACs)."""
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model.eval()(torch.randn(1, 3, image_size, image_size))
+    per_op = {str(op).removeprefix("aten."): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+    return {"macs_per_image": counter.get_total_flops() // 2, "per_op": per_op}
+
+
+def count_macs(model: nn.Module, image_size: int = 32) -> int:
+    """Multiply-adds of one image through `model` (the same for its int8 and fp32 forms)."""
+    return model_macs(model, image_size)["macs_per_image"]
 
 
 # --- pretrained starts ------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_student_layouts_hold_their_names_at_every_size(arch, legacy, final_maps
     also keeps the 24-channel stage at stride 1 (4x4), the published CIFAR MobileNetV2 layout: 3.6x the
     multiply-accumulates, the same parameters. Above 64 px (the ImageNet stem) both double their output stride
     and hires' maps stay 2x finer: the names say nothing that stops being true."""
-    from bench.floor import model_macs
+    from kdq.models import model_macs
 
     m = build_model(arch, 10).eval()
     assert m.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (final_maps, final_maps)
@@ -72,7 +72,7 @@ def test_student_layouts_hold_their_names_at_every_size(arch, legacy, final_maps
 def test_the_demo_student_does_a_ninth_of_its_teachers_work():
     """README's figures for `make demo`'s pair: MobileNetV2 x0.5 at 7.8 M multiply-adds, 1/9 of the ResNet-32
     teacher's 69 M, with 1.5x its parameters (the 1,280-channel last layer keeps its width at every multiplier)."""
-    from bench.floor import model_macs
+    from kdq.models import model_macs
     from kdq.presets import get_preset
 
     demo = get_preset("demo")
