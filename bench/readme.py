@@ -92,6 +92,19 @@ def latency_table(parity: dict) -> Table:
     return Table(title, ["runtime", "precision", *(f"b{b} {t}T" for b, t in columns)], rows)
 
 
+def plan_tables(result: dict) -> list[str | Table]:
+    """`kdq plan`'s JSON: every candidate's int8 and fp32 latency in the target's runtime, fastest first."""
+    rows = [[r["name"], f"{r['parameters'] / 1e6:.2f} M", f"{r['macs'] / 1e6:.1f}", f"{r['int8_ms']:.3f}",
+             f"{r['fp32_ms']:.3f}", f"{r['fp32_ms'] / r['int8_ms']:.2f}×", "yes" if r["within_budget"] else "no"]
+            for r in result["candidates"]]  # fmt: skip
+    title = (
+        f"kdq plan --target {result['target']} --budget-ms {result['budget_ms']:g}: ONNX Runtime, batch "
+        f"{result['batch']}, {result['threads']} thread(s), median of {result['rounds']} interleaved rounds"
+    )
+    header = ["candidate", "params", "M MACs", "int8 ms", "fp32 ms", "int8 speed-up", "within budget"]
+    return [Table(title, header, rows)]
+
+
 def bench_parts(result: dict) -> list[str | Table]:
     """`python -m bench`'s file: the floor's derivation, inference latency (with the floor), training throughput."""
     return [floor.summary(result["floor"]), *inference.tables(result["inference"]), *floor.tables(result["floor"]),
@@ -108,6 +121,7 @@ SOURCES: dict[str, tuple[str, Callable[[dict], list[str | Table]]]] = {
     "flows": ("results/flows-demo.json", flows.tables),
     "flows-fashion-mnist": ("results/flows-fashion-mnist.json", flows.tables),
     "memory": ("results/memory-fashion-mnist.json", memory.tables),
+    "plan": ("results/plan-x86.json", plan_tables),
 }
 
 

@@ -19,7 +19,9 @@ TEACHERS = (*CIFAR_RESNETS, "resnet18", "resnet34", "resnet50", "resnet101", "re
 # MobileNetV2 in two layouts (kdq.models says more): mobilenet_v2 strides all but the stem up to 64 px (2x2 final
 # maps at 32 px, 24.5 M MACs); mobilenet_v2_hires also keeps the 24-channel stage at stride 1, final maps 2x finer at
 # any size (4x4 at 32 px, 88 M MACs): the layout of every published CIFAR MobileNetV2 (kuangliu 94.4%, chenyaofo 93.8%).
-STUDENTS = ("mobilenet_v2", "mobilenet_v2_hires")
+MOBILENET_STUDENTS = ("mobilenet_v2", "mobilenet_v2_hires")  # at any width (`student_width`)
+# ... and the shallow CIFAR ResNets: dense int8 convolutions, no depthwise ones (`kdq plan` times them all).
+STUDENTS = (*MOBILENET_STUDENTS, "resnet8", "resnet14", "resnet20")
 # Input size and stem (kdq.models): up to CIFAR_STEM_MAX px a model keeps every pixel through its first layer
 # (CIFAR stem: ResNet 3x3 stride-1 conv without max-pool, MobileNetV2 stride-1 first conv); above it, the ImageNet
 # stem (ResNet 7x7 stride-2 conv + max-pool, MobileNetV2 stride-2 conv) quarters the pixels first, as torchvision's

@@ -16,7 +16,7 @@ from torchvision.models.quantization.mobilenetv2 import QuantizableInvertedResid
 from torchvision.models.quantization.resnet import QuantizableBasicBlock
 from torchvision.models.quantization.utils import _fuse_modules
 
-from kdq.config import CIFAR_RESNETS, STUDENTS, TEACHERS
+from kdq.config import CIFAR_RESNETS, MOBILENET_STUDENTS, STUDENTS, TEACHERS
 from kdq.errors import KdqError
 
 RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
@@ -57,6 +57,8 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    head_name = "fc"  # the classifier's module path, which PT2E quantizers name (`kdq.pt2e`)
 
     @property
     def classifier(self) -> nn.Linear:
@@ -107,6 +109,8 @@ class CifarMobileNetV2(QuantizableMobileNetV2):
     `fuse_model`), inherited from `QuantizableMobileNetV2`.
     """
 
+    head_name = "classifier"  # the classifier's module path, which PT2E quantizers name (`kdq.pt2e`)
+
     def __init__(
         self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.1, hires: bool = False,
         stem: str = "cifar",
@@ -146,9 +150,9 @@ def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
         return cifar_resnet(arch, num_classes, **kwargs)
     if arch in CIFAR_RESNETS:
         return CifarResNet(int(arch.removeprefix("resnet")), num_classes, **kwargs)
-    if arch in STUDENTS:
+    if arch in MOBILENET_STUDENTS:
         return CifarMobileNetV2(num_classes, hires=arch == "mobilenet_v2_hires", **kwargs)
-    raise ValueError(f"unknown model {arch!r}; choose from: {', '.join(TEACHERS + STUDENTS)}")
+    raise ValueError(f"unknown model {arch!r}; choose from: {', '.join(dict.fromkeys(TEACHERS + STUDENTS))}")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -185,7 +189,7 @@ def count_macs(model: nn.Module, image_size: int = 32) -> int:
 # --- pretrained starts ------------------------------------------------------------------------------
 
 # torchvision's ImageNet model each architecture's weights come from; the CIFAR ResNets have none.
-IMAGENET_MODELS = {**{name: name for name in RESNETS}, **{name: "mobilenet_v2" for name in STUDENTS}}
+IMAGENET_MODELS = {**{name: name for name in RESNETS}, **{name: "mobilenet_v2" for name in MOBILENET_STUDENTS}}
 # The stem of each family: up to 64 px kdq uses a CIFAR stem (ResNet: 3x3 stride-1 conv instead of 7x7 stride-2
 # conv + max-pool; MobileNetV2: its 3x3 conv at stride 1 instead of 2), which sees pixels at another scale
 # than the ImageNet stem did, so the stem (conv and its batch norm) starts from a fresh init. Above 64 px the

@@ -75,7 +75,7 @@ def check_target(target: Target) -> None:
     if "onnx" not in target.formats:
         raise PlanError(
             f"kdq plan times ONNX Runtime; target {target.name!r} exports {', '.join(target.formats)} only "
-            "(ExecuTorch's lowering takes ~45 s a model: time a mobile student with `kdq export --target mobile`)"
+            "(ExecuTorch's lowering takes ~45 s a model: time a mobile student with kdq export --target mobile)"
         )
 
 

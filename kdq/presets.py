@@ -42,8 +42,8 @@ PRESET_NAMES = tuple(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
 
 # Allowed values, by field name (wherever the field sits).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": DATASETS, "teacher": TEACHERS + STUDENTS, "student": STUDENTS, "kd_loss": KD_LOSSES,
-    "kd_weighting": KD_WEIGHTINGS,
+    "dataset": DATASETS, "teacher": tuple(dict.fromkeys(TEACHERS + STUDENTS)), "student": STUDENTS,
+    "kd_loss": KD_LOSSES, "kd_weighting": KD_WEIGHTINGS,
     "schedule": SCHEDULES, "flow": FLOWS, "backend": BACKENDS,
 }  # fmt: skip
 _RULES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (

@@ -58,8 +58,9 @@ def check_installed(backend: str) -> None:
             ) from e
 
 
-def quantizer(backend: str, qat: bool, activation_bits: int, weight_bits: int):
-    """The backend's quantizer with kdq's ranges; the classifier stays float (as in the eager flow)."""
+def quantizer(backend: str, qat: bool, activation_bits: int, weight_bits: int, head: str = "classifier"):
+    """The backend's quantizer with kdq's ranges; the classifier (module path `head`) stays float (as in the
+    eager flow)."""
     if backend == "x86":
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             get_default_x86_inductor_quantization_config,
@@ -73,13 +74,13 @@ def quantizer(backend: str, qat: bool, activation_bits: int, weight_bits: int):
             output_activation=dataclasses.replace(config.output_activation, quant_max=2**activation_bits - 1),
             weight=dataclasses.replace(config.weight, quant_min=-w, quant_max=w - 1),
         )
-        return _x86_quantizer_class()().set_global(config).set_module_name_qconfig("classifier", None)
+        return _x86_quantizer_class()().set_global(config).set_module_name_qconfig(head, None)
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
     a, w = 2 ** (activation_bits - 1), 2 ** (weight_bits - 1)
     config = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, act_qmin=-a, act_qmax=a - 1,
                                                weight_qmin=-(w - 1), weight_qmax=w - 1)  # fmt: skip
-    return _xnnpack_quantizer_class()().set_global(config)
+    return _xnnpack_quantizer_class()(head).set_global(config)
 
 
 def _xnnpack_quantizer_class():
@@ -88,11 +89,15 @@ def _xnnpack_quantizer_class():
     class FloatClassifierXNNPACKQuantizer(XNNPACKQuantizer):
         """XNNPACKQuantizer with the classifier left float: its `set_module_name(name, None)` is unsupported."""
 
+        def __init__(self, head: str):
+            super().__init__()
+            self.head = head
+
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
             for node in model.graph.nodes:
                 stack = node.meta.get("nn_module_stack", {}).values()
-                if any(path == "classifier" or path.startswith("classifier.") for path, _ in stack):
+                if any(path == self.head or path.startswith(self.head + ".") for path, _ in stack):
                     node.meta.pop("quantization_annotation", None)
             return model
 
@@ -135,7 +140,7 @@ def prepare(
         warnings.simplefilter("ignore")
         x = example_input(image_size)
         graph = torch.export.export(model, (x,), dynamic_shapes=dynamic_batch()).module()
-        q = quantizer(backend, qat, activation_bits, weight_bits)
+        q = quantizer(backend, qat, activation_bits, weight_bits, getattr(model, "head_name", "classifier"))
         prepared = prepare_qat_pt2e(graph, q) if qat else prepare_pt2e(graph, q)
     _allow_train_eval(prepared)
     return prepared.train(qat)

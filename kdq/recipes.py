@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from kdq import checkpoint as ck
 from kdq.artifacts import sha256
-from kdq.config import Preset, stem_for
+from kdq.config import MOBILENET_STUDENTS, Preset, stem_for
 from kdq.data import Dataset, Normalize, load_dataset, load_test_split, resized, split_validation, subset_training
 from kdq.evaluate import evaluate_model, predict_logits
 from kdq.files import check_writable, save_json, save_torch
@@ -46,6 +46,16 @@ class RunOptions:
 
     def tensorboard_dir(self, run_dir: Path, stage: str) -> Path | None:
         return Path(run_dir) / TB_DIR / stage if self.tensorboard else None
+
+
+def student_kwargs(preset: Preset) -> dict:
+    """Width and dropout of a MobileNetV2 student; a CIFAR ResNet student has one width and no dropout."""
+    if preset.student in MOBILENET_STUDENTS:
+        return {"width_mult": preset.student_width, "dropout": preset.student_dropout}
+    if preset.student_width != 1.0:
+        raise TrainingError(f"student_width applies to MobileNetV2 students; {preset.student} has one width "
+                            f"(got {preset.student_width:g})")  # fmt: skip
+    return {}
 
 
 def stem_kwargs(image_size: int) -> dict:
@@ -180,7 +190,7 @@ def train_student(
         else:
             distill.soft_targets, distill.taught_by = _soft_targets_for(teacher_path, data, run_dir, opts, rt)
     torch.manual_seed(preset.seed)
-    kwargs = {"width_mult": preset.student_width, "dropout": preset.student_dropout, **stem_kwargs(preset.image_size)}
+    kwargs = {**student_kwargs(preset), **stem_kwargs(preset.image_size)}
     arch = {"name": preset.student, "num_classes": len(data.classes), "kwargs": kwargs}
     model = build_model(preset.student, len(data.classes), **kwargs)
     if not qat:  # QAT starts from the float student (`init`)

@@ -40,13 +40,17 @@ def test_plan_times_each_candidate_and_marks_the_budget(tmp_path):
     assert saved["where"]["cpu_model"] and saved["batch"] == 1 and saved["threads"] == 1
 
 
-def test_a_candidates_int8_export_runs_int8_kernels_in_onnx_runtime(tmp_path):
-    """What plan times is what `kdq export` ships: every convolution of a ResNet student a QLinearConv."""
+@pytest.mark.parametrize("target", ["x86", "x86-pt2e"])
+def test_a_resnet_student_runs_int8_kernels_in_both_flows(tmp_path, target):
+    """What plan times is what `kdq export` ships: in the eager and the PT2E flow, every convolution of a ResNet
+    student is a QLinearConv and every residual add a QLinearAdd in ONNX Runtime; its classifier stays float."""
     model = plan.Candidate("resnet14").build(10, 32)
-    path = plan.int8_onnx(model, load_target("x86"), tmp_path / "int8", 32)
+    path = plan.int8_onnx(model, load_target(target), tmp_path / "int8", 32)
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
-    kernels = int8_kernels(ort_op_counts(path))
+    counts = ort_op_counts(path)
+    kernels = int8_kernels(counts)
     assert convs == kernels["QLinearConv"] == 15 and kernels["QLinearAdd"] == 6
+    assert counts.get("Gemm") == 1 and "QGemm" not in kernels  # the float classifier
 
 
 def test_plan_refuses_what_it_cannot_time(tmp_path):

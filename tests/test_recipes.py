@@ -4,6 +4,7 @@ file like the preset it came from, and a wrong key or value is a one-line error 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -121,3 +122,26 @@ def test_recipe_file_trains_exactly_like_its_preset_and_options_still_override(t
     assert not (tmp_path / "preset" / "tb").exists() and list((tmp_path / "recipe" / "tb" / "baseline").iterdir())
     a, b = runs["preset"][ck.MODEL], runs["recipe"][ck.MODEL]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resnet_student_trains_and_quantizes_from_a_recipe(tmp_path):
+    """`student = "resnet8"`: a CIFAR ResNet student trains, PTQ makes it int8, and it scores like its float self;
+    a width, which only MobileNetV2 students have, is refused before any training."""
+    file = tmp_path / "resnet-student.toml"
+    file.write_text('dataset = "digits"\nteacher = "resnet20"\nstudent = "resnet8"\n[student_optim]\nepochs = 4\n'
+                    'lr = 0.1\nbatch_size = 64\n[quant]\ncalibration_batches = 4\n')  # fmt: skip
+    run = tmp_path / "run"
+    result = invoke("baseline", "--recipe", file, "--device", "cpu", "--run-dir", run, "--no-tensorboard")
+    assert result.exit_code == 0, result.output
+    saved = ck.load_checkpoint(run / "baseline" / "checkpoint.pt")
+    assert saved[ck.ARCH] == {"name": "resnet8", "num_classes": 10, "kwargs": {}}
+    result = invoke("quantize", run / "baseline" / "checkpoint.pt")
+    assert result.exit_code == 0, result.output
+    result = invoke("evaluate", run / "baseline" / "checkpoint.pt", run / "baseline_ptq" / "checkpoint.pt",
+                    "--out", tmp_path / "eval.json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    top1 = {k: v["top1"] for k, v in json.loads((tmp_path / "eval.json").read_text()).items()}
+    assert top1["baseline"] > 0.5 and abs(top1["baseline"] - top1["baseline_ptq"]) < 0.05, top1
+    result = invoke("baseline", "--recipe", file, "--width", "0.5", "--run-dir", tmp_path / "w")
+    assert result.exit_code == 1
+    assert "student_width applies to MobileNetV2 students; resnet8 has one width (got 0.5)" in result.output
