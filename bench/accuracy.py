@@ -1,10 +1,11 @@
 """`make bench-accuracy`: the seed's table, measured on Fashion-MNIST's 10,000 real test images.
 
-    uv run --frozen python -m bench.accuracy                          # the demo's recipe, 5 seeds (CPU, ~35 min)
+    uv run --frozen python -m bench.accuracy                          # fashion-mnist-cpu, 5 seeds (CPU, ~35 min)
     uv run --frozen python -m bench.accuracy --preset fashion-mnist   # all 60,000 training images (a GPU's job)
 
-Method. Every model is trained by kdq's own stages (`kdq.recipes`) under one recipe (`--preset`; by default the
-demo's: the 3,000-image Fashion-MNIST shipped in kdq, a ResNet-32 teacher, MobileNetV2 x0.5 students), with its
+Method. Every model is trained by kdq's own stages (`kdq.recipes`) under one recipe (`--preset`; by default
+`fashion-mnist-cpu`: the 3,000-image Fashion-MNIST shipped in kdq, a ResNet-32 teacher, MobileNetV2 x0.5 students,
+the demo's recipe until 2026-12-04), with its
 validation split (10% of the training images, stratified by seed) choosing each model's epoch; the numbers are
 top-1 on the whole test split, which no stage reads.
 - teacher: one seed (every student of a seed is taught by the same teacher);
@@ -182,6 +183,9 @@ def run(args: argparse.Namespace) -> dict:
             paths[name][seed] = bench.student(name, seed, **changes)
         if seed == 0:
             paths["baseline_hires"] = {0: bench.student("baseline_hires", 0, alpha=0.0, student="mobilenet_v2_hires")}
+    for seed in range(args.seeds, args.kd_seeds):  # the comparison the defaults rest on, with more seeds
+        for name in ("baseline", "kd_offline"):
+            paths[name][seed] = bench.student(name, seed, **variants[name])
     for name, by_seed in paths.items():
         models[name] = {**describe(by_seed[0]), "top1": [bench.accuracy(p) for p in by_seed.values()]}
     int8 = {
@@ -195,7 +199,8 @@ def run(args: argparse.Namespace) -> dict:
         source = name.rsplit("_", 1)[0]
         models[name] = {"arch": models[source]["arch"], "parameters": models[source]["parameters"],
                         "float_model": source, "top1": [bench.accuracy(path)], **onnx[name]}  # fmt: skip
-    return {"preset": preset.to_dict(), "seeds": args.seeds, "test_images": len(bench.test),
+    return {"preset": preset.to_dict(), "seeds": args.seeds, "kd_seeds": max(args.seeds, args.kd_seeds),
+            "test_images": len(bench.test),
             "train_images": bench.train_images,
             "models": models, "stage_seconds": bench.seconds}  # fmt: skip
 
@@ -218,6 +223,11 @@ def accuracy_cell(top1: list[float], test_images: int | None) -> str:
         return f"{100 * top1[0]:.2f} [{100 * lo:.2f}, {100 * hi:.2f}] (1 seed)"
     mean, lo, hi = seed_interval(top1)
     return f"{100 * mean:.2f} [{100 * lo:.2f}, {100 * hi:.2f}] (n={len(top1)} seeds)"
+
+
+def paired_diffs(a: list[float], b: list[float]) -> list[float]:
+    """a - b in points, seed by seed, over the seeds both were trained on (seed i is index i in both)."""
+    return [100 * (x - y) for x, y in zip(a, b, strict=False)]  # --kd-seeds: baseline and Hinton KD have more
 
 
 def gain_cell(gains: list[float]) -> str:
@@ -248,7 +258,7 @@ def summary_rows(result: dict) -> list[list[str]]:
         r = m[name]
         gain = drop = "—"
         if name in ("kd_offline", "kd_online", "dist_offline", "dist_paper"):
-            gain = gain_cell([100 * (k - b) for k, b in zip(r["top1"], base, strict=True)])
+            gain = gain_cell(paired_diffs(r["top1"], base))
         if "float_model" in r:
             drop = f"{100 * (m[r['float_model']]['top1'][0] - r['top1'][0]):.2f} pt"
         size = r.get("int8_bytes", r.get("fp32_bytes"))
@@ -288,7 +298,7 @@ def paired_rows(result: dict) -> list[list[str]]:
     m = result["models"]
     rows = []
     for a, b, label in PAIRED:
-        diffs = [100 * (x - y) for x, y in zip(m[a]["top1"], m[b]["top1"], strict=True)]
+        diffs = paired_diffs(m[a]["top1"], m[b]["top1"])
         rows.append([label, " ".join(f"{d:+.2f}" for d in diffs), gain_cell(diffs)])
     return rows
 
@@ -297,6 +307,34 @@ PAIRED_HEADER = ["difference (test top-1)", "per seed, pt", "mean [95% t-interva
 
 LAYOUT_HEADER = ["student layout", "float acc %", "PTQ int8 acc % (PyTorch)", "PTQ int8 acc % (ORT)",
                  "ORT int8 ms b1", "ORT int8 ms b64"]  # fmt: skip
+
+
+def findings(result: dict) -> list[str]:
+    """What the tables support, one sentence each, worded from the verdicts (README prints them as generated)."""
+    m = result["models"]
+
+    def paired(a: str, b: str) -> str:
+        return gain_cell(paired_diffs(m[a]["top1"], m[b]["top1"]))
+
+    fast, hires = m["baseline_ptq"], m["baseline_hires_ptq"]
+    drops = {k: 100 * (m[m[k]["float_model"]]["top1"][0] - m[k]["top1"][0])
+             for k in ("kd_offline_qat", "kd_offline_ptq")}  # fmt: skip
+    env = result.get("environment", {})
+    minutes = env.get("seconds", sum(result["stage_seconds"].values())) / 60
+    cores = env.get("cpu", {}).get("logical_cpus", "?")
+    return [
+        f"- Hinton KD (offline) against no KD, paired by seed: {paired('kd_offline', 'baseline')}.",
+        f"- Online against offline soft targets: {paired('kd_online', 'kd_offline')}.",
+        f"- DIST (alpha-blend) against Hinton KD: {paired('dist_offline', 'kd_offline')}; DIST as its paper weighs "
+        f"it against the alpha-blend: {paired('dist_paper', 'dist_offline')}.",
+        f"- int8 for x86 (seed 0's KD student, float minus int8, PyTorch): QAT-KD {drops['kd_offline_qat']:.2f} pt, "
+        f"PTQ {drops['kd_offline_ptq']:.2f} pt.",
+        f"- Layout (seed 0's baseline): `{hires['arch']}` {100 * m['baseline_hires']['top1'][0]:.2f}% against "
+        f"`{fast['arch']}` {100 * m['baseline']['top1'][0]:.2f}% in float, at "
+        f"{hires['ort_int8_ms']['b1'] / fast['ort_int8_ms']['b1']:.1f}x its ONNX Runtime int8 latency at batch 1 "
+        f"and {hires['ort_int8_ms']['b64'] / fast['ort_int8_ms']['b64']:.1f}x at batch 64.",
+        f"- Wall time: {minutes:.0f} min for the whole benchmark on {cores} cores (each stage's seconds in the JSON).",
+    ]
 
 
 def tables(result: dict) -> list[Table]:
@@ -311,22 +349,28 @@ def tables(result: dict) -> list[Table]:
     ]  # fmt: skip
 
 
+def readme_parts(result: dict) -> list[str | Table]:
+    """README's block: the tables, then what they support."""
+    return [*tables(result), "What the numbers support (generated from the tables):", "\n".join(findings(result))]
+
+
 def show(result: dict) -> None:
     for table in tables(result):
         print_table(table)
-    total = sum(result["stage_seconds"].values())
-    print(f"\nwall time: {total / 60:.1f} min of training and calibration (per stage in the JSON)")
+    print("\n" + "\n".join(findings(result)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="dataset root (Debian's files otherwise)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench-accuracy"), help="run folder (resumable)")
-    parser.add_argument("--preset", default="demo", choices=PRESET_NAMES,
-                        help="the recipe every model trains under: demo (CPU) or fashion-mnist (GPU)")  # fmt: skip
+    parser.add_argument("--preset", default="fashion-mnist-cpu", choices=PRESET_NAMES,
+                        help="recipe of every model: fashion-mnist-cpu (CPU) or fashion-mnist (GPU)")  # fmt: skip
     parser.add_argument("--subset", type=int, default=0, help="train on a class-balanced subset of N images")
     parser.add_argument("--teacher-epochs", type=int, default=0, help="teacher epochs  [default: the recipe's]")
     parser.add_argument("--epochs", type=int, default=0, help="student epochs  [default: the recipe's]")
     parser.add_argument("--seeds", type=int, default=5, help="student seeds (KD gains are paired by seed)")
+    parser.add_argument("--kd-seeds", type=int, default=0,
+                        help="seeds of the baseline and Hinton KD offline, if more than --seeds")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds, each timing every model in turn")
     parser.add_argument("--name", default=RESULTS_NAME, help="results file name: bench/results/NAME-<time>.json")
 

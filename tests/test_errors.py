@@ -547,7 +547,7 @@ def test_parity_against_another_checkpoint(ws, tmp_path):
     "args,message",
     [
         (["teacher", "--preset", "nope"], "Invalid value for '--preset': 'nope' is not one of 'cifar10', 'cifar100', "
-         "'demo', 'fashion-mnist', 'smoke'."),
+         "'demo', 'fashion-mnist', 'fashion-mnist-cpu', 'smoke'."),
         (["teacher", "--arch", "resnet9"], "Invalid value for '--arch': 'resnet9' is not one of 'resnet8', "
          "'resnet14', 'resnet20', "
          "'resnet32', 'resnet56', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'."),

@@ -37,19 +37,21 @@ def test_make_bench_accuracy_writes_its_tables(tmp_path):
     the int8 models timed in interleaved rounds, the JSON written, README's tables made from it."""
     from bench.accuracy import tables
 
-    tiny = ("--preset smoke --subset 600 --seeds 2 --teacher-epochs 1 --epochs 1 --rounds 2 --name accuracy-smoke "
+    tiny = ("--preset smoke --subset 600 --seeds 2 --kd-seeds 3 --teacher-epochs 1 --epochs 1 --rounds 2 "
+            "--name accuracy-smoke "
             f"--out-dir {tmp_path / 'run'}")  # fmt: skip
     r = make("bench-accuracy", f"BENCH_ARGS={tiny}")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((ROOT / "bench" / "results" / "accuracy-smoke-latest.json").read_text())
     models = result["models"]
-    for name in ("baseline", "kd_offline", "kd_online", "dist_offline", "dist_paper"):
-        assert len(models[name]["top1"]) == 2, name
+    for name, seeds in (("baseline", 3), ("kd_offline", 3), ("kd_online", 2), ("dist_offline", 2), ("dist_paper", 2)):
+        assert len(models[name]["top1"]) == seeds, name
     for name in ("kd_offline_qat", "kd_offline_ptq", "baseline_ptq", "baseline_hires_ptq"):
         assert set(models[name]["ort_int8_ms"]) == {"b1", "b64"} and 0 < models[name]["ort_int8_top1"] <= 1
     assert models["baseline_hires"]["arch"] == "mobilenet_v2_hires"
     paper = ck.load_checkpoint(tmp_path / "run" / "seed1" / "dist_paper" / "checkpoint.pt")[ck.RECIPE]
     assert (paper["kd_loss"], paper["kd_weighting"], paper["alpha"]) == ("dist", "sum", 1.0)
     rendered = {t.title: t.rows for t in tables(result)}
-    assert any("(n=2)" in cell for rows in rendered.values() for row in rows for cell in row)
+    cells = [cell for rows in rendered.values() for row in rows for cell in row]
+    assert any("(n=3): " in cell for cell in cells) and any("(n=2): " in cell for cell in cells)  # paired by seed
     assert "Paired by seed" in r.stdout

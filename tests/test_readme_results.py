@@ -50,6 +50,7 @@ def test_accuracy_table_pairs_kd_with_the_baseline_of_the_same_seed():
         "kd_offline": _model([0.83, 0.85, 0.86]),   # gains 3, 1, 4 pt
         "kd_online": _model([0.80, 0.84, 0.82]),
         "dist_offline": _model([0.81, 0.83, 0.85]),
+        "dist_paper": _model([0.82, 0.84, 0.85]),
         "kd_offline_qat": _model([0.825], float_model="kd_offline", **ort),
         "kd_offline_ptq": _model([0.80], float_model="kd_offline", **ort),
     }}  # fmt: skip
@@ -57,9 +58,10 @@ def test_accuracy_table_pairs_kd_with_the_baseline_of_the_same_seed():
     assert rows["student, no KD (baseline)"][2] == "82.00 [77.03, 86.97] (n=3 seeds)"  # t(2) = 4.303, sd 2 pt
     assert rows["student, Hinton KD offline"][6] == "+2.67 [-1.13, +6.46] pt (n=3): tie"  # paired by seed
     assert rows["student, Hinton KD online"][6] == "+0.00 [+0.00, +0.00] pt (n=3): tie"
-    assert rows["teacher (ResNet)"][2] == "90.00 (1 seed)"  # no test-set size: no interval claimed
+    assert rows["teacher"][2] == "90.00 (1 seed)"  # no test-set size: no interval claimed
     paired = {r[0]: r for r in paired_rows(result)}
     assert paired["DIST - Hinton KD (offline)"][1:] == ["-2.00 -2.00 -1.00", "-1.67 [-3.10, -0.23] pt (n=3): worse"]
+    assert paired["DIST, paper's weighting - alpha-blend"][1] == "+1.00 +1.00 +0.00"
     assert rows["student int8, QAT-KD (x86)"][7] == "0.50 pt" and rows["student int8, QAT-KD (x86)"][4] == "2.70"
     assert rows["student int8, PTQ of KD student (x86)"][5] == "0.50 / 20.0"
 
