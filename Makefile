@@ -57,7 +57,7 @@ format: setup  ## Apply ruff's fixes and formatting
 bench: setup  ## Benchmarks (bench/): training img/s, inference latency, MAC floor; BENCH_ARGS=... -> bench/results/
 	$(RUN) python -m bench $(BENCH_ARGS)
 
-bench-accuracy: setup  ## Fashion-MNIST, 10k test images: teacher, baseline, KD, DIST (5 seeds), int8; recipe fashion-mnist-cpu (~35 min, 2 cores)
+bench-accuracy: setup  ## Fashion-MNIST, 10k test images: teacher, baseline, KD, DIST (5 seeds), int8; recipe fashion-mnist-cpu (~45 min, 2 cores)
 	$(RUN) python -m bench.accuracy $(BENCH_ARGS)
 
 # bench-flows: one run, three QAT students of its float student; FLOWS=fashion-mnist: fashion-mnist-cpu on 5,000

@@ -1,6 +1,6 @@
 """`make bench-accuracy`: the seed's table, measured on Fashion-MNIST's 10,000 real test images.
 
-    uv run --frozen python -m bench.accuracy                          # fashion-mnist-cpu, 5 seeds (CPU, ~35 min)
+    uv run --frozen python -m bench.accuracy                          # fashion-mnist-cpu, 5 seeds (CPU, ~45 min)
     uv run --frozen python -m bench.accuracy --preset fashion-mnist   # all 60,000 training images (a GPU's job)
 
 Method. Every model is trained by kdq's own stages (`kdq.recipes`) under one recipe (`--preset`; by default
