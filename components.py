@@ -162,7 +162,7 @@ def teacher(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-teacher)
-        preset: kdq's built-in recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
+        preset: kdq's built-in recipe (demo, fashion-mnist, fashion-mnist-cpu, cifar10, cifar100, smoke)
         recipe: a recipe file as the job sees it, instead of the preset (`kdq recipe show` starts one)
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
@@ -224,7 +224,7 @@ def distill(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-distill)
-        preset: kdq's built-in recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
+        preset: kdq's built-in recipe (demo, fashion-mnist, fashion-mnist-cpu, cifar10, cifar100, smoke)
         recipe: a recipe file as the job sees it, instead of the preset (`kdq recipe show` starts one)
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
@@ -339,7 +339,7 @@ def pipeline(
         mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         name: job name (None: kdq-pipeline)
-        preset: kdq's built-in recipe (demo, fashion-mnist, cifar10, cifar100, smoke)
+        preset: kdq's built-in recipe (demo, fashion-mnist, fashion-mnist-cpu, cifar10, cifar100, smoke)
         recipe: a recipe file as the job sees it, instead of the preset
         run_dir: run directory as the job sees it (shared storage for multi-node) (None: runs/PRESET or runs/RECIPE)
         data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)

@@ -27,7 +27,7 @@ def leaf_keys(d: dict, prefix: str = "") -> set[str]:
 
 
 def test_every_builtin_preset_is_a_recipe_file():
-    assert set(PRESET_NAMES) == {"cifar10", "cifar100", "demo", "fashion-mnist", "smoke"}
+    assert set(PRESET_NAMES) == {"cifar10", "cifar100", "demo", "fashion-mnist", "fashion-mnist-cpu", "smoke"}
     for name in PRESET_NAMES:
         assert (RECIPES_DIR / f"{name}.toml").is_file() and get_preset(name).name == name
 

@@ -165,7 +165,7 @@ def test_torchrun_two_process_ddp(tmp_path):
         "kdq.cli",
         "baseline",
         "--preset",
-        "demo",
+        "fashion-mnist-cpu",
         "--run-dir",
         str(tmp_path),
         "--epochs",
