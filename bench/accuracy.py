@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
     for seed in range(args.seeds):  # seed by seed: a cut-short run still has complete seeds
         for name, changes in variants.items():
             paths[name][seed] = bench.student(name, seed, **changes)
-        if seed == 0:
+        if seed == 0 and preset.student == "mobilenet_v2":  # the layouts compared: only for that student
             paths["baseline_hires"] = {0: bench.student("baseline_hires", 0, alpha=0.0, student="mobilenet_v2_hires")}
     for seed in range(args.seeds, args.kd_seeds):  # the comparison the defaults rest on, with more seeds
         for name in ("baseline", "kd_offline"):
@@ -192,8 +192,9 @@ def run(args: argparse.Namespace) -> dict:
         "kd_offline_qat": bench.int8(paths["kd_offline"][0], "qat"),
         "kd_offline_ptq": bench.int8(paths["kd_offline"][0], "ptq"),
         "baseline_ptq": bench.int8(paths["baseline"][0], "ptq"),
-        "baseline_hires_ptq": bench.int8(paths["baseline_hires"][0], "ptq"),
     }
+    if "baseline_hires" in paths:
+        int8["baseline_hires_ptq"] = bench.int8(paths["baseline_hires"][0], "ptq")
     onnx = bench.ort(int8, args.rounds)
     for name, path in int8.items():
         source = name.rsplit("_", 1)[0]
@@ -316,25 +317,30 @@ def findings(result: dict) -> list[str]:
     def paired(a: str, b: str) -> str:
         return gain_cell(paired_diffs(m[a]["top1"], m[b]["top1"]))
 
-    fast, hires = m["baseline_ptq"], m["baseline_hires_ptq"]
     drops = {k: 100 * (m[m[k]["float_model"]]["top1"][0] - m[k]["top1"][0])
              for k in ("kd_offline_qat", "kd_offline_ptq")}  # fmt: skip
     env = result.get("environment", {})
     minutes = env.get("seconds", sum(result["stage_seconds"].values())) / 60
     cores = env.get("cpu", {}).get("logical_cpus", "?")
-    return [
+    lines = [
         f"- Hinton KD (offline) against no KD, paired by seed: {paired('kd_offline', 'baseline')}.",
         f"- Online against offline soft targets: {paired('kd_online', 'kd_offline')}.",
         f"- DIST (alpha-blend) against Hinton KD: {paired('dist_offline', 'kd_offline')}; DIST as its paper weighs "
         f"it against the alpha-blend: {paired('dist_paper', 'dist_offline')}.",
         f"- int8 for x86 (seed 0's KD student, float minus int8, PyTorch): QAT-KD {drops['kd_offline_qat']:.2f} pt, "
         f"PTQ {drops['kd_offline_ptq']:.2f} pt.",
-        f"- Layout (seed 0's baseline): `{hires['arch']}` {100 * m['baseline_hires']['top1'][0]:.2f}% against "
-        f"`{fast['arch']}` {100 * m['baseline']['top1'][0]:.2f}% in float, at "
-        f"{hires['ort_int8_ms']['b1'] / fast['ort_int8_ms']['b1']:.1f}x its ONNX Runtime int8 latency at batch 1 "
-        f"and {hires['ort_int8_ms']['b64'] / fast['ort_int8_ms']['b64']:.1f}x at batch 64.",
-        f"- Wall time: {minutes:.0f} min for the whole benchmark on {cores} cores (each stage's seconds in the JSON).",
     ]
+    if "baseline_hires_ptq" in m:
+        fast, hires = m["baseline_ptq"], m["baseline_hires_ptq"]
+        lines.append(
+            f"- Layout (seed 0's baseline): `{hires['arch']}` {100 * m['baseline_hires']['top1'][0]:.2f}% against "
+            f"`{fast['arch']}` {100 * m['baseline']['top1'][0]:.2f}% in float, at "
+            f"{hires['ort_int8_ms']['b1'] / fast['ort_int8_ms']['b1']:.1f}x its ONNX Runtime int8 latency at batch 1 "
+            f"and {hires['ort_int8_ms']['b64'] / fast['ort_int8_ms']['b64']:.1f}x at batch 64."
+        )
+    lines.append(f"- Wall time: {minutes:.0f} min for the whole benchmark on {cores} cores (each stage's seconds in "
+                 "the JSON).")  # fmt: skip
+    return lines
 
 
 def tables(result: dict) -> list[Table]:
@@ -344,8 +350,8 @@ def tables(result: dict) -> list[Table]:
         Table(f"{data}, top-1 on the {n:,} test images", SUMMARY_HEADER, summary_rows(result),
               "ORT: ONNX Runtime, 1 thread, median of rounds of medians; seed 0's model where n=1."),
         Table("Paired by seed: a tie unless the interval excludes zero", PAIRED_HEADER, paired_rows(result)),
-        Table("Student layouts under one budget (the baseline recipe, seed 0; int8 = PTQ for x86)", LAYOUT_HEADER,
-              layout_rows(result)),
+        *([Table("Student layouts under one budget (the baseline recipe, seed 0; int8 = PTQ for x86)",
+                 LAYOUT_HEADER, layout_rows(result))] if "baseline_hires_ptq" in result["models"] else []),
     ]  # fmt: skip
 
 

@@ -312,7 +312,12 @@ def _student_options(f):
             optim_options,
             click.option("--temperature", type=float, default=None, help="KD temperature T  [default: the preset's]"),
             click.option("--dropout", type=float, default=None, help="Student dropout  [default: the preset's]"),
-            click.option("--width", type=float, default=None, help="Student width multiplier  [default: the preset's]"),
+            click.option(
+                "--width",
+                type=float,
+                default=None,
+                help="MobileNetV2 student's width multiplier  [default: the preset's]",
+            ),  # fmt: skip
             click.option(
                 "--teacher",
                 "teacher_path",
@@ -455,9 +460,10 @@ def _train_student(
     "as `kdq pipeline --require-teacher-ahead` does.",
 )
 def distill(preset: Preset, run_dir: Path, opts, alpha, require_teacher_ahead, **kwargs) -> None:
-    """Distil the MobileNetV2 student from the teacher -> RUN/student/checkpoint.pt.
+    """Distil the recipe's student from the teacher -> RUN/student/checkpoint.pt.
 
-    Loss: alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels).
+    Loss (--kd-weighting blend): alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, labels);
+    sum: CE + alpha * the teacher term (the DIST paper's form).
     """
     if require_teacher_ahead:
         from kdq.pipeline import check_teacher_ahead
@@ -638,10 +644,10 @@ def plan_cmd(target, budget_ms, batch, threads, image_size, classes, rounds, run
     from kdq.files import check_writable, save_json
 
     t = load_target(target)
-    out = out or Path("runs") / "plan" / f"{t.name}-b{batch}-t{threads}.json"
-    check_writable(out.parent)
     plan.check_target(t)
     family = plan.candidates(candidates)
+    out = out or Path("runs") / "plan" / f"{t.name}-b{batch}-t{threads}.json"
+    check_writable(out.parent)
     settings = dict(batch=batch, threads=threads, image_size=image_size, num_classes=classes, rounds=rounds, runs=runs)
     with tqdm(total=len(family) + rounds, desc="kdq plan", disable=None) as bar:
 

@@ -136,6 +136,13 @@ class Preset:
     # 0 = all of them. For benchmarks that must fit a CPU budget; the test split is always whole.
     train_subset: int = 0
 
+    def __post_init__(self):
+        """However the recipe was made (a file, a CLI option, code): a width applies to MobileNetV2 students only,
+        refused here, before any stage trains (a CIFAR ResNet student has one width)."""
+        if self.student not in MOBILENET_STUDENTS and self.student_width != 1.0:
+            raise ValueError(f"student_width applies to MobileNetV2 students; {self.student} has one width "
+                             f"(got {self.student_width:g})")  # fmt: skip
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

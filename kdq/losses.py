@@ -32,7 +32,8 @@ def dist_soft_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     term asks each class's ranking of the batch's images to. Being invariant to the scale and shift of the
     teacher's outputs, it holds up when the teacher is much stronger than the student (Huang et al. 2022 report
     +0.5-1 pt over KL on CIFAR-100 and ImageNet). Inter and intra weigh the same (the paper's beta = gamma); the
-    sum is blended with cross-entropy by kdq's alpha like Hinton's term, where the paper adds it to CE.
+    sum is blended with cross-entropy by kdq's alpha like Hinton's term (`KDLoss` weighting "blend"), or added to
+    CE at weight alpha as the paper does (weighting "sum").
 
     Under torchrun each process holds a slice of the batch: the intra-class term gathers every rank's
     probabilities first (with autograd), so N processes compute the one-process loss.

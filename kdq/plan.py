@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kdq.artifacts import ARTIFACTS, ExportError, Target
+from kdq.config import MOBILENET_STUDENTS
 from kdq.cpu import environment
 from kdq.evaluate import median_ms
 from kdq.export import export_onnx, write_artifacts
@@ -30,7 +31,6 @@ from kdq.models import build_model, count_macs, count_parameters
 from kdq.quant import get_flow
 from kdq.recipes import stem_kwargs
 
-MOBILENETS = ("mobilenet_v2", "mobilenet_v2_hires")
 WIDTHS = (0.35, 0.5, 0.75, 1.0)
 CALIBRATION_BATCHES = 4  # of 16 random images: enough for every observer to see a range
 
@@ -44,16 +44,16 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return f"{self.arch}_x{self.width:g}" if self.arch in MOBILENETS else self.arch
+        return f"{self.arch}_x{self.width:g}" if self.arch in MOBILENET_STUDENTS else self.arch
 
     def build(self, num_classes: int, image_size: int) -> nn.Module:
-        kwargs = {"width_mult": self.width} if self.arch in MOBILENETS else {}
+        kwargs = {"width_mult": self.width} if self.arch in MOBILENET_STUDENTS else {}
         return build_model(self.arch, num_classes, **kwargs, **stem_kwargs(image_size)).eval()
 
 
 # Every MobileNetV2 width x layout, and the shallow CIFAR ResNets (dense int8 convolutions, no depthwise ones).
 STUDENT_FAMILY: tuple[Candidate, ...] = (
-    *(Candidate(arch, w) for arch in MOBILENETS for w in WIDTHS),
+    *(Candidate(arch, w) for arch in MOBILENET_STUDENTS for w in WIDTHS),
     *(Candidate(arch) for arch in ("resnet8", "resnet14", "resnet20")),
 )
 
@@ -123,9 +123,9 @@ def measure(
             progress(f"exported {c.name}")
         timings: dict[tuple[int, str], list[float]] = {}
         warmup = 5 if batch == 1 else 2
-        for r in range(rounds):
-            for i, pair in sessions.items():
-                for precision, session in pair.items():
+        for r in range(rounds):  # odd rounds run the order backwards: no model always follows the same one
+            for i, pair in (reversed if r % 2 else iter)(list(sessions.items())):
+                for precision, session in (reversed if r % 2 else iter)(list(pair.items())):
                     step = lambda s=session: s.run(None, {"input": x})  # noqa: E731
                     timings.setdefault((i, precision), []).append(median_ms(step, warmup, runs))
             progress(f"timed round {r + 1} of {rounds}")
@@ -147,7 +147,11 @@ def report(rows: list[dict], target: Target, budget_ms: float, batch: int, threa
         "batch": batch,
         "threads": threads,
         **settings,
-        "method": "untrained models, int8 by PTQ on random images; ONNX Runtime, median of interleaved rounds",
+        "flow": target.flow,
+        "backend": target.backend,
+        "onnxruntime_config": target.onnxruntime_config,
+        "method": "untrained models, int8 by PTQ on random images; ONNX Runtime, median of interleaved rounds "
+        "(odd rounds in reverse order)",
         "where": environment({"onnxruntime": threads}),
         "candidates": plan(rows, budget_ms),
     }

@@ -75,7 +75,7 @@ def load_recipe(path: Path | str) -> Preset:
     data.setdefault("name", path.stem)
     try:
         preset = _build(Preset, data, "")
-    except RecipeError as e:
+    except (RecipeError, ValueError) as e:  # ValueError: a dataclass's own check across fields
         raise RecipeError(f"{path}: {e}") from None
     if preset.quant.backend not in FLOW_BACKENDS[preset.quant.flow]:
         raise RecipeError(

@@ -579,7 +579,7 @@ def test_unknown_export_target_and_model_name(ws, tmp_path):
     fails(
         ["evaluate", tmp_path / "vit.pt", "--out", tmp_path / "e.json"],
         f"{tmp_path / 'vit.pt'}: cannot build its model {saved[ck.ARCH]} (unknown model 'vit_b_16'; choose from: "
-        "resnet20, resnet32, resnet56, resnet18, resnet34, resnet50, resnet101, resnet152, mobilenet_v2, "
-        "mobilenet_v2_hires)",
+        "resnet8, resnet14, resnet20, resnet32, resnet56, resnet18, resnet34, resnet50, resnet101, resnet152, "
+        "mobilenet_v2, mobilenet_v2_hires)",
         tmp_path,
     )

@@ -67,7 +67,8 @@ def test_plan_refuses_what_it_cannot_time(tmp_path):
 
 def test_every_candidate_builds_at_its_width():
     widths = {c.name: c.build(10, 32) for c in plan.STUDENT_FAMILY}
-    assert len(widths) >= 8
+    assert set(widths) == {f"{arch}_x{w}" for arch in ("mobilenet_v2", "mobilenet_v2_hires")
+                           for w in ("0.35", "0.5", "0.75", "1")} | {"resnet8", "resnet14", "resnet20"}  # fmt: skip
     n = {name: sum(p.numel() for p in m.parameters()) for name, m in widths.items()}
     assert n["mobilenet_v2_x0.35"] < n["mobilenet_v2_x0.5"] < n["mobilenet_v2_x0.75"] < n["mobilenet_v2_x1"]
     assert n["mobilenet_v2_x1"] == n["mobilenet_v2_hires_x1"]  # same weights, finer maps

@@ -84,6 +84,8 @@ def test_a_file_names_only_what_differs_and_takes_its_name_from_the_file(tmp_pat
         ('dataset = "mnist"\nteacher = "resnet20"\n', "dataset: 'mnist' is not one of: digits"),
         ('dataset = "digits"\nteacher = "resnet20"\nkd_weighting = "mean"\n',
          "kd_weighting: 'mean' is not one of: blend, sum"),
+        ('dataset = "digits"\nteacher = "resnet20"\nstudent = "resnet8"\nstudent_width = 0.5\n',
+         "student_width applies to MobileNetV2 students; resnet8 has one width (got 0.5)"),
         ('dataset = "digits"\nteacher = "resnet20"\n[augment]\nflip = 1\n', "augment.flip: expected bool, got 1"),
         ('dataset = "digits"\nteacher = "resnet20"\naugment = 3\n', "augment: expected a table"),
         ('dataset = "digits"\nteacher = "resnet20"\n[quant]\nflow = "pt2e"\nbackend = "qnnpack"\n',
@@ -142,6 +144,8 @@ def test_a_resnet_student_trains_and_quantizes_from_a_recipe(tmp_path):
     assert result.exit_code == 0, result.output
     top1 = {k: v["top1"] for k, v in json.loads((tmp_path / "eval.json").read_text()).items()}
     assert top1["baseline"] > 0.5 and abs(top1["baseline"] - top1["baseline_ptq"]) < 0.05, top1
-    result = invoke("baseline", "--recipe", file, "--width", "0.5", "--run-dir", tmp_path / "w")
-    assert result.exit_code == 1
-    assert "student_width applies to MobileNetV2 students; resnet8 has one width (got 0.5)" in result.output
+    for command in ("baseline", "distill"):  # refused before anything is read or trained
+        result = invoke(command, "--recipe", file, "--width", "0.5", "--run-dir", tmp_path / "w")
+        assert result.exit_code == 1, (command, result.output)
+        assert "student_width applies to MobileNetV2 students; resnet8 has one width (got 0.5)" in result.output
+    assert not (tmp_path / "w").exists()
