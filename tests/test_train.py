@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,9 @@ def test_tensorboard_curves_are_the_history_and_a_resume_does_not_repeat_them(ti
     assert [s for s, _ in scalars["step/loss"]] == list(range(1, 2 * steps + 1))
     (tmp_path / "b").mkdir()
     shutil.copy(tmp_path / "epoch1.pt", tmp_path / "b" / "checkpoint.pt")  # died after epoch 1, resumed
+    # TensorBoard reads a folder's event files in name order: <unix second>.<host>.<pid>.<writer count>. Within one
+    # second, a process's 10th writer ("...10") sorts before its 9th: a resume is never that fast outside a test.
+    time.sleep(1.05 - time.time() % 1)  # the next second: the resumed run's file sorts after the first
     run(tiny, tmp_path / "b", 2, resume=True, tensorboard=tb)
     again = read_scalars(tb)
     assert [s for s, _ in again["step/loss"]] == list(range(1, 2 * steps + 1))  # epoch 2 once, not twice
