@@ -4,7 +4,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen
 PRESET ?= demo
 
-.PHONY: setup demo test test-python test-other-cpu lint format bench bench-accuracy bench-flows gpu-check clean help train-remote image services
+.PHONY: setup demo test test-python test-other-cpu lint format bench bench-accuracy bench-flows bench-sweep gpu-check clean help train-remote image services
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ bench: setup  ## Benchmarks (bench/): training img/s, inference latency, MAC flo
 
 bench-accuracy: setup  ## Fashion-MNIST, 10k test images: teacher, baseline, KD, DIST (5 seeds), int8; recipe fashion-mnist-cpu (~45 min, 2 cores)
 	$(RUN) python -m bench.accuracy $(BENCH_ARGS)
+
+bench-sweep: setup  ## kdq sweep on Fashion-MNIST (fashion-mnist-cpu): students within 0.35 ms int8 on this CPU, certified, vs the int8 teacher (~20 min)
+	$(RUN) python -m bench.sweep $(BENCH_ARGS)
 
 # bench-flows: one run, three QAT students of its float student; FLOWS=fashion-mnist: fashion-mnist-cpu on 5,000
 # Fashion-MNIST training images, certified on its 10,000 test images (~45 min on 2 cores), without a latency

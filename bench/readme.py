@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, floor, flows, inference, int8_paths, memory, training
+from bench import accuracy, floor, flows, inference, int8_paths, memory, sweep, training
 from bench.common import Table, markdown_table
 from kdq.evaluate import paired_gain
 from kdq.parity import certificate_headline
@@ -122,6 +122,7 @@ SOURCES: dict[str, tuple[str, Callable[[dict], list[str | Table]]]] = {
     "flows-fashion-mnist": ("results/flows-fashion-mnist.json", flows.tables),
     "memory": ("results/memory-fashion-mnist.json", memory.tables),
     "plan": ("results/plan-x86.json", plan_tables),
+    "sweep": ("results/sweep-fashion-mnist.json", sweep.tables),
 }
 
 

@@ -692,6 +692,55 @@ def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, flow, re
 
 
 @main.command()
+@run_options
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="Latency budget: int8 milliseconds per batch of --batch images, on this CPU.")  # fmt: skip
+@click.option("--target", default="x86", help="Export target: its runtime times the models, its flow trains them.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, help="Images per call, for the budget.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, help="ONNX Runtime intra-op threads, for the budget.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, help="Interleaved timing rounds.")
+@click.option("--runs", type=click.IntRange(min=1), default=20, help="Timed calls per model per round.")
+@click.option("--candidate", "candidates", multiple=True, metavar="NAME",
+              help="Plan only these (repeat the option)  [default: the whole family of `kdq plan`]")  # fmt: skip
+@click.option("--step", type=click.Choice(["all", "prepare", "train", "gather"]), default="all",
+              help="One step (a cluster runs `train` as parallel jobs: deploy/sweep.py): prepare = plan + teacher + "
+              "soft targets; train = candidates (--only); gather = int8 teacher, front, choice, report.")  # fmt: skip
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="NAME",
+    help="--step train/gather: these candidates  [default: every one within budget in RUN/sweep/plan.json]",
+)
+@click.option("--latency-runs", type=int, default=None, help="Export certificates: timed runs per latency cell.")
+def sweep(preset: Preset, run_dir: Path, opts, budget_ms, target, batch, threads, rounds, runs, candidates, step, only,
+          latency_runs) -> None:  # fmt: skip
+    """From a latency budget on this CPU to the most accurate certified int8 model within it.
+
+    \b
+    1. time every candidate student untrained (as `kdq plan`); keep those within --budget-ms;
+    2. train the teacher and its soft targets once;
+    3. distil, QAT-train and certify each candidate under the recipe (RUN/sweep/NAME);
+    4. quantize the teacher too (PTQ, certified), measure every exported model's test accuracy and latency,
+       and draw the accuracy-vs-latency front (RUN/sweep.json, RUN/report.md).
+    It recommends the most accurate certified student within budget, unless quantizing the teacher is as good:
+    the int8 teacher wins when it fits the budget and the student is not ahead of it on the same test images.
+    """
+    from kdq import sweep as sw
+
+    settings = dict(batch=batch, threads=threads, rounds=rounds, runs=runs, names=candidates)
+    if step == "all":
+        sw.run_sweep(preset, run_dir, opts, target, budget_ms, latency_runs, **settings)
+    elif step == "prepare":
+        sw.prepare(preset, run_dir, opts, target, budget_ms, **settings)
+    elif step == "train":
+        names = only or sw.within_budget(run_dir)
+        for name in names:
+            sw.train_candidate(preset, run_dir, opts, target, name, latency_runs)
+    else:
+        sw.gather(preset, run_dir, opts, target, latency_runs, only or None)
+
+
+@main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @data_dir_option()
 @click.option("--samples", type=click.IntRange(min=16), default=512, help="Validation images to measure on.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -119,3 +119,8 @@ def save_png(fig, path: Path) -> Path:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return path
+
+
+def newer_than(output: Path, inputs: Iterable[Path]) -> bool:
+    """Make's rule: `output` exists and no input changed after it was written."""
+    return output.exists() and all(Path(i).stat().st_mtime <= output.stat().st_mtime for i in inputs)

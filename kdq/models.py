@@ -59,6 +59,9 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     head_name = "fc"  # the classifier's module path, which PT2E quantizers name (`kdq.pt2e`)
+    # TorchScript compiles properties too, and an int8 model's fc can be a Linear of another (mangled) type than the
+    # annotation names: the property is Python-side only.
+    __jit_unused_properties__ = ["classifier"]
 
     @property
     def classifier(self) -> nn.Linear:

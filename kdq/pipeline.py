@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -17,6 +16,7 @@ from kdq.config import QAT_STAGE, Preset, qat_stage, with_overrides
 from kdq.errors import KdqError
 from kdq.evaluate import paired_gain
 from kdq.export import existing_certificate, export
+from kdq.files import newer_than
 from kdq.parity import format_report
 from kdq.quant import get_flow
 from kdq.report import teacher_lead, teacher_lead_sentence, write_report
@@ -71,7 +71,7 @@ def run_pipeline(
     if max_drop is not None:
         exported = stages[f"{qat}_repaired"] = repaired_stage(stages[qat], max_drop, opts)
     eval_json = run_dir / recipes.EVALUATION_JSON
-    if opts.resume and _newer_than(eval_json, stages.values()):
+    if opts.resume and newer_than(eval_json, stages.values()):
         print(f"[pipeline] {eval_json} is newer than every checkpoint: kept", file=sys.stderr)
         results = json.loads(eval_json.read_text())
     else:
@@ -113,7 +113,7 @@ def repaired_stage(qat: Path, max_drop: float, opts: recipes.RunOptions) -> Path
     from kdq.repair import repair
 
     out = qat.parent.with_name(qat.parent.name + "_repaired") / qat.name
-    if opts.resume and _newer_than(out, [qat]):
+    if opts.resume and newer_than(out, [qat]):
         print(f"[pipeline] {out} is newer than {qat}: kept", file=sys.stderr)
         return out
     if out.exists() and not (opts.overwrite or opts.resume):
@@ -160,8 +160,3 @@ def check_teacher_ahead(run_dir: Path, required: bool) -> dict | None:
         bar = "!" * 100
         click.echo(f"{bar}\n[pipeline] WARNING {teacher_lead_sentence(lead).replace('**', '')}\n{bar}", err=True)
     return lead
-
-
-def _newer_than(output: Path, inputs: Iterable[Path]) -> bool:
-    """Make's rule: `output` exists and no input changed after it was written."""
-    return output.exists() and all(Path(i).stat().st_mtime <= output.stat().st_mtime for i in inputs)

@@ -121,18 +121,31 @@ def measure(
                          "macs": count_macs(model, image_size), "int8_onnx_bytes": int8.stat().st_size,
                          "fp32_onnx_bytes": fp32.stat().st_size})  # fmt: skip
             progress(f"exported {c.name}")
-        timings: dict[tuple[int, str], list[float]] = {}
-        warmup = 5 if batch == 1 else 2
-        for r in range(rounds):  # odd rounds run the order backwards: no model always follows the same one
-            for i, pair in (reversed if r % 2 else iter)(list(sessions.items())):
-                for precision, session in (reversed if r % 2 else iter)(list(pair.items())):
-                    step = lambda s=session: s.run(None, {"input": x})  # noqa: E731
-                    timings.setdefault((i, precision), []).append(median_ms(step, warmup, runs))
-            progress(f"timed round {r + 1} of {rounds}")
+        flat = {(i, precision): s for i, pair in sessions.items() for precision, s in pair.items()}
+        timings = time_interleaved(flat, x, rounds, runs, lambda r: progress(f"timed round {r + 1} of {rounds}"))
     for i, row in enumerate(rows):
         row["int8_ms"], row["fp32_ms"] = (statistics.median(timings[i, p]) for p in ("int8", "fp32"))
         row["int8_rounds_ms"], row["fp32_rounds_ms"] = timings[i, "int8"], timings[i, "fp32"]
     return rows
+
+
+def time_interleaved(
+    sessions: dict, x: np.ndarray, rounds: int, runs: int, on_round: Callable[[int], None] = lambda _: None
+) -> dict:
+    """Median ms of `runs` calls of every ONNX Runtime session on `x`, per round: {key: [ms of each round]}.
+
+    Each round times every session once; odd rounds run the order backwards, so no model always follows the
+    same one, and a slow spell of a shared machine spreads over all of them.
+    """
+    timings: dict = {key: [] for key in sessions}
+    warmup = 5 if len(x) == 1 else 2
+    for r in range(rounds):
+        for key, session in (reversed if r % 2 else iter)(list(sessions.items())):
+            feed = {session.get_inputs()[0].name: x}
+            step = lambda s=session, f=feed: s.run(None, f)  # noqa: E731
+            timings[key].append(median_ms(step, warmup, runs))
+        on_round(r)
+    return timings
 
 
 def plan(rows: list[dict], budget_ms: float) -> list[dict]:

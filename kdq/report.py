@@ -32,6 +32,7 @@ from kdq.recipes import EVALUATION_JSON
 from kdq.train import HISTORY_JSON
 
 REPORT_MD = "report.md"
+SWEEP_JSON = "sweep.json"  # `kdq sweep`: every model's accuracy and latency, the front, the choice (kdq.sweep)
 REPORT_HTML = "report.html"
 PLOTS = "plots"
 STAGE_ORDER = ("teacher", "baseline", "student", "student_qat")  # other stages follow, sorted by name
@@ -59,6 +60,7 @@ class Run:
     histories: dict[str, list[dict]] = field(default_factory=dict)  # stage -> history.json
     evaluation: dict[str, dict] = field(default_factory=dict)  # evaluation_results.json
     exports: list[Export] = field(default_factory=list)
+    sweep: dict | None = None  # sweep.json
 
     @property
     def int8_stage(self) -> str | None:
@@ -95,7 +97,9 @@ def load_run(run_dir: Path) -> Run:
                 json.loads(diagnosis.read_text()) if diagnosis.is_file() else None,
             )
         )
-    if not (run.histories or run.evaluation or run.exports):
+    if (run_dir / SWEEP_JSON).is_file():
+        run.sweep = json.loads((run_dir / SWEEP_JSON).read_text())
+    if not (run.histories or run.evaluation or run.exports or run.sweep):
         raise ReportError(
             f"{run_dir}: nothing to report (no <stage>/{HISTORY_JSON}, {EVALUATION_JSON} or export-*/{PARITY_JSON}); "
             "give the folder `kdq pipeline --run-dir` wrote"
@@ -154,6 +158,47 @@ def plot_tradeoff(evaluation: dict[str, dict]) -> Figure:
         ax.margins(x=0.25, y=0.15)
     size_ax.legend(fontsize=8, loc="lower right")
     return fig
+
+
+def plot_front(sweep: dict) -> Figure:
+    """Accuracy (95% interval bars) against measured latency for every model of a sweep: the budget as a line, the
+    Pareto front joined, the recommended model ringed."""
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.subplots()
+    styles = {"student": ("o", "tab:green"), "teacher_int8": ("s", "tab:red"), "teacher_fp32": ("D", "tab:blue")}
+    for p in sweep["points"]:
+        marker, color = styles[p["kind"]]
+        ok = p["verdict"] in ("certified", "float")
+        err = [[p["top1"] - p["ci"][0]], [p["ci"][1] - p["top1"]]]
+        ax.errorbar(p["ms"], p["top1"], yerr=err, fmt=marker, color=color, mfc=color if ok else "white", capsize=3)
+        ax.annotate(p["name"] + ("" if ok else f" ({p['verdict']})"), (p["ms"], p["top1"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
+        if p["name"] == sweep["recommended"]:
+            ax.scatter(p["ms"], p["top1"], s=260, facecolors="none", edgecolors="black", linewidths=1.5)
+    front = sorted((p for p in sweep["points"] if p["name"] in sweep["front"]), key=lambda p: p["ms"])
+    ax.plot([p["ms"] for p in front], [p["top1"] for p in front], "--", color="gray", lw=1, label="Pareto front")
+    ax.axvline(sweep["budget_ms"], color="tab:orange", lw=1.5, label=f"budget {sweep['budget_ms']:g} ms")
+    _log_axis_if_wide(ax, [p["ms"] for p in sweep["points"]])
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0%}"))
+    ax.set(title=f"accuracy vs latency (ONNX Runtime, batch {sweep['batch']}, {sweep['threads']} thread(s)); "
+           "open marker: not certified", xlabel="ms per batch (median of interleaved rounds)",
+           ylabel="test top-1 (95% interval)")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def sweep_section(sweep: dict, plot: str) -> list[str]:
+    """The sweep's table (fastest first), its plot and its decision, as read from sweep.json."""
+    rows = [[p["name"], p["verdict"], f"{_pct(p['top1'])} [{_pct(p['ci'][0])}, {_pct(p['ci'][1])}]",
+             f"{p['ms']:.3f}", "yes" if p["within_budget"] else "no", "yes" if p["name"] in sweep["front"] else "",
+             "**recommended**" if p["name"] == sweep["recommended"] else ""]
+            for p in sorted(sweep["points"], key=lambda p: p["ms"])]  # fmt: skip
+    header = ["model", "certificate", "test top-1 [95% CI]", "ms", "within budget", "on the front", ""]
+    lines = [f"## Students for a {sweep['budget_ms']:g} ms budget (`kdq sweep`)", ""]
+    lines += [f"**{sweep['decision']}**", "", f"![accuracy vs latency]({plot})", ""] + _table(header, rows)
+    lines += ["", f"Measured on {sweep['where']['cpu_model']} ({sweep['target']} target). {sweep['method']}.", ""]
+    return lines
 
 
 def plot_per_class(per_class: dict[str, float], stage: str, reference: dict[str, float] | None = None) -> Figure:
@@ -335,6 +380,8 @@ def build_markdown(run: Run, plots: dict[str, str]) -> str:
                       for c in e.parity["checks"] if not c["passed"]]  # fmt: skip
             lines.append("")
 
+    if run.sweep:
+        lines += sweep_section(run.sweep, plots["front"])
     lines += ["## Models: accuracy, size, latency", ""]
     if run.evaluation:
         lines += models_table(run.evaluation)
@@ -436,6 +483,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
         figures["training"] = ("training_curves.png", plot_training_curves(run.histories))
     if run.evaluation:
         figures["tradeoff"] = ("accuracy_size_latency.png", plot_tradeoff(run.evaluation))
+    if run.sweep:
+        figures["front"] = ("sweep_front.png", plot_front(run.sweep))
     if stage := run.int8_stage:
         r = run.evaluation[stage]
         ref = run.evaluation.get("student", {}).get("per_class")
