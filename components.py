@@ -355,3 +355,70 @@ def pipeline(
             device=device, resume=resume, require_teacher_ahead=require_teacher_ahead, max_drop=max_drop)]  # fmt: skip
     return _app("pipeline", [*argv, *kdq_args], image, j, cpu, gpu, memMB, h, env, max_retries, mounts,
                 rdzv_port, name)  # fmt: skip
+
+
+def sweep(
+    *kdq_args: str,
+    image: str = DEFAULT_IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+    name: Optional[str] = None,
+    step: str = "all",
+    index: Optional[int] = None,
+    budget_ms: Optional[float] = None,
+    preset: str = "demo",
+    recipe: Optional[str] = None,
+    run_dir: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    target: str = "x86",
+    candidates: Optional[List[str]] = None,
+    device: Optional[str] = None,
+    resume: bool = True,
+    latency_runs: Optional[int] = None,
+) -> specs.AppDef:
+    """
+    One step of `kdq sweep` (students for a latency budget), in one process. `step=all` runs the whole sweep as one
+    job; a cluster runs prepare, then one `train` job per candidate in parallel, then gather: deploy/sweep.py does
+    that through TorchX's runner.
+
+    Args:
+        kdq_args: more `kdq sweep` options, verbatim (after --)
+        image: container image (local_docker, kubernetes); local_cwd and slurm run in the current directory
+        cpu: CPUs
+        gpu: GPUs
+        memMB: memory in MB
+        h: a registered named resource (takes precedence over cpu, gpu and memMB)
+        env: environment variables for the job, e.g. KDQ_DATA_DIR=/data,OMP_NUM_THREADS=2
+        max_retries: how many times the scheduler may restart the job
+        mounts: mounts for containers, e.g. type=bind,src=/host/runs,dst=/runs or type=volume,src=PVC,dst=/runs
+        name: job name (None: kdq-sweep-STEP, kdq-sweep-train-INDEX)
+        step: all, prepare (plan + teacher + soft targets), train (one candidate: index) or gather (front, choice)
+        index: step=train: the index of the candidate, among those within budget in RUN_DIR/sweep/plan.json
+        budget_ms: int8 ms per batch on the CPU that plans (steps all and prepare)
+        preset: kdq's built-in recipe (demo, fashion-mnist, fashion-mnist-cpu, cifar10, cifar100, smoke)
+        recipe: a recipe file as the job sees it, instead of the preset
+        run_dir: run directory as the job sees it, shared by every step (None: runs/PRESET or runs/RECIPE)
+        data_dir: dataset root as the job sees it (None: data, or $KDQ_DATA_DIR)
+        target: export target (export/TARGET.toml or a .toml path)
+        candidates: plan only these candidates (None: kdq plan's whole family)
+        device: auto, cpu, cuda (None: auto)
+        resume: skip finished work (a retried or re-run step picks up where it stopped)
+        latency_runs: export certificates: timed runs per latency cell
+    """
+    if step not in ("all", "prepare", "train", "gather"):
+        raise ValueError(f"step must be all, prepare, train or gather, not {step!r}")
+    if (step == "train") != (index is not None):
+        raise ValueError("index is the train step's (and only its): the candidate it trains")
+    root = run_dir or f"runs/{Path(recipe).stem if recipe else preset}"
+    argv = ["sweep", "--step", step, *_recipe_flags(preset, recipe), *_flags(run_dir=root, data_dir=data_dir,
+            target=target, budget_ms=budget_ms, index=index, device=device, resume=resume,
+            latency_runs=latency_runs)]  # fmt: skip
+    for c in candidates or []:
+        argv += ["--candidate", c]
+    job = name or (f"kdq-sweep-train-{index}" if step == "train" else f"kdq-sweep-{step}")
+    return _app("sweep", [*argv, *kdq_args], image, "1x1", cpu, gpu, memMB, h, env, max_retries, mounts, 29500, job)

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="fashion-mnist-cpu")
     parser.add_argument("--budget-ms", type=float, default=0.35, help="int8 ms at batch 1, 1 thread, on this CPU")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/sweep-fashion-mnist"))
+    parser.add_argument("--target", default="x86", help="export target (name or .toml)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--candidate", action="append", default=[], help="plan only these (repeat)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     opts = RunOptions(data_dir=args.data_dir, device="cpu", resume=args.resume, tensorboard=False)
-    return run_sweep(get_preset(args.preset), args.run_dir, opts, "x86", args.budget_ms, args.latency_runs,
+    return run_sweep(get_preset(args.preset), args.run_dir, opts, args.target, args.budget_ms, args.latency_runs,
                      rounds=args.rounds, runs=args.runs, names=args.candidate)  # fmt: skip
 
 

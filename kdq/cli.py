@@ -693,8 +693,8 @@ def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, flow, re
 
 @main.command()
 @run_options
-@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), required=True,
-              help="Latency budget: int8 milliseconds per batch of --batch images, on this CPU.")  # fmt: skip
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Latency budget: int8 ms per batch of --batch images on this CPU (steps all, prepare).")  # fmt: skip
 @click.option("--target", default="x86", help="Export target: its runtime times the models, its flow trains them.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, help="Images per call, for the budget.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, help="ONNX Runtime intra-op threads, for the budget.")
@@ -711,9 +711,16 @@ def pipeline(preset: Preset, run_dir: Path, opts, latency_runs, target, flow, re
     metavar="NAME",
     help="--step train/gather: these candidates  [default: every one within budget in RUN/sweep/plan.json]",
 )
+@click.option(
+    "--index",
+    type=click.IntRange(min=0),
+    default=None,
+    help="--step train: the candidate at this index among those within budget (one cluster job each); past the "
+    "last, nothing to do.",
+)
 @click.option("--latency-runs", type=int, default=None, help="Export certificates: timed runs per latency cell.")
 def sweep(preset: Preset, run_dir: Path, opts, budget_ms, target, batch, threads, rounds, runs, candidates, step, only,
-          latency_runs) -> None:  # fmt: skip
+          index, latency_runs) -> None:  # fmt: skip
     """From a latency budget on this CPU to the most accurate certified int8 model within it.
 
     \b
@@ -728,12 +735,21 @@ def sweep(preset: Preset, run_dir: Path, opts, budget_ms, target, batch, threads
     from kdq import sweep as sw
 
     settings = dict(batch=batch, threads=threads, rounds=rounds, runs=runs, names=candidates)
+    if step in ("all", "prepare") and budget_ms is None:
+        raise click.UsageError(f"--step {step} needs --budget-ms")
+    if index is not None and step != "train":
+        raise click.UsageError("--index picks the candidate of --step train")
     if step == "all":
         sw.run_sweep(preset, run_dir, opts, target, budget_ms, latency_runs, **settings)
     elif step == "prepare":
         sw.prepare(preset, run_dir, opts, target, budget_ms, **settings)
     elif step == "train":
         names = only or sw.within_budget(run_dir)
+        if index is not None:
+            if index >= len(names):
+                click.echo(f"candidate {index}: only {len(names)} within budget, nothing to train")
+                return
+            names = [names[index]]
         for name in names:
             sw.train_candidate(preset, run_dir, opts, target, name, latency_runs)
     else:

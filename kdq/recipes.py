@@ -186,7 +186,7 @@ def train_student(
             _check_same_data(tckpt, data, teacher_path)
             distill.taught_by = {"teacher_sha256": sha256(teacher_path)}
         else:
-            distill.soft_targets, distill.taught_by = _soft_targets_for(teacher_path, data, run_dir, opts, rt)
+            distill.soft_targets, distill.taught_by = soft_targets_for(teacher_path, data, run_dir, opts, rt)
     torch.manual_seed(preset.seed)
     kwargs = {**student_kwargs(preset), **stem_kwargs(preset.image_size)}
     arch = {"name": preset.student, "num_classes": len(data.classes), "kwargs": kwargs}
@@ -307,7 +307,7 @@ def quantize_static(
     return out
 
 
-def _soft_targets_for(
+def soft_targets_for(
     teacher_path: Path, data: Dataset, run_dir: Path, opts: RunOptions, rt: Runtime
 ) -> tuple[torch.Tensor, dict]:
     """RUN/soft_targets.pt and its key, recomputed first (rank 0) unless it was made by this teacher file on

@@ -39,9 +39,10 @@ from kdq.evaluate import Gain, paired_gain
 from kdq.export import existing_certificate, export, export_onnx
 from kdq.files import check_writable, newer_than, save_json
 from kdq.int8run import ort_session
+from kdq.parity import certificate_headline
 from kdq.report import SWEEP_JSON, write_report
 from kdq.stats import rate_interval
-from kdq.train import CHECKPOINT
+from kdq.train import CHECKPOINT, setup_runtime
 
 SWEEP_DIR = "sweep"  # RUN/sweep/{plan.json, NAME/, teacher/}
 PLAN_JSON = "plan.json"
@@ -93,17 +94,9 @@ def prepare(
     preset = _prepared(preset, t)
     teacher = recipes.train_teacher(preset, run_dir, opts)
     data = recipes.load_data(preset, opts)
-    soft = Path(run_dir) / recipes.SOFT_TARGETS
-    if not (opts.resume and soft.is_file() and _soft_targets_match(soft, teacher, data)):
-        recipes.compute_soft_targets(teacher, data, soft, opts.device)
-    click.echo(f"kdq sweep candidates: {' '.join(within)}")  # deploy/sweep.py reads this line from the job's log
+    recipes.soft_targets_for(teacher, data, Path(run_dir), opts, setup_runtime(opts.device))  # kept when still valid
+    print(f"[sweep] within budget: {', '.join(within)}", file=sys.stderr)
     return within
-
-
-def _soft_targets_match(path: Path, teacher: Path, data) -> bool:
-    saved = ck.load_weights(path, "soft targets file")
-    key = recipes.soft_targets_key(teacher, data)
-    return isinstance(saved, dict) and all(saved.get(k) == v for k, v in key.items())
 
 
 def candidate_preset(preset: Preset, name: str) -> Preset:
@@ -131,7 +124,9 @@ def train_candidate(
     student = recipes.train_student(p, folder, opts, stage="student", teacher_path=teacher)
     qat = recipes.train_student(p, folder, opts, stage=qat_stage(t.flow, t.backend), qat=True, init=student,
                                 teacher_path=teacher)  # fmt: skip
-    return _certified(qat, folder / f"export-{t.name}", t, opts, latency_runs)
+    report = _certified(qat, folder / f"export-{t.name}", t, opts, latency_runs)
+    click.echo(f"[sweep] {name}: {certificate_headline(report)}")
+    return report
 
 
 def _certified(checkpoint: Path, out: Path, t: Target, opts: recipes.RunOptions, latency_runs: int | None) -> dict:
@@ -324,12 +319,12 @@ def decide(points: list[dict], default_student: str) -> dict:
                            f"student, {best['name']}, is not ahead of it ({vs_teacher['sentence']}): quantize the "
                            "teacher, no student needed")  # fmt: skip
         return out
-    if vs_teacher["verdict"] == "ahead":
-        why = "it is ahead of the int8 teacher"
-    elif teacher["verdict"] != CERTIFIED:
+    if teacher["verdict"] != CERTIFIED:
         why = f"the int8 teacher was not certified ({teacher['verdict']})"
-    else:
+    elif not teacher["within_budget"]:
         why = f"the int8 teacher takes {teacher['ms']:.3f} ms, over the budget"
+    else:
+        why = "it is ahead of the int8 teacher"
     out["recommended"] = best["name"]
     out["decision"] = (f"{best['name']}: the most accurate certified student within budget ({best['ms']:.3f} ms), "
                        f"recommended because {why}; {vs_teacher['sentence']}")  # fmt: skip

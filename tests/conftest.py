@@ -96,3 +96,21 @@ def smoke_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smoke")
     torchx_pipeline(root / "run", root / "logs", "--target", str(SMOKE_TARGET), "--", "--latency-runs", "3")
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(smoke_run, tmp_path_factory) -> Path:
+    """`kdq sweep --budget-ms 0.3` on the smoke recipe with one candidate (ResNet-8), starting from the smoke
+    run's teacher and soft targets (kept by --resume: a sweep trains them once, and here they already are).
+    Returns RUN; tests/test_slurm.py resumes a copy of it with a second candidate."""
+    import shutil
+
+    from tests.launch_support import VENV_BIN, run
+
+    run_dir = tmp_path_factory.mktemp("sweep") / "run"
+    shutil.copytree(smoke_run / "teacher", run_dir / "teacher")
+    shutil.copy2(smoke_run / "soft_targets.pt", run_dir / "soft_targets.pt")
+    run([VENV_BIN / "kdq", "sweep", "--preset", "smoke", "--run-dir", run_dir, "--budget-ms", "0.3",
+         "--candidate", "resnet8", "--target", SMOKE_TARGET, "--latency-runs", "3", "--device", "cpu", "--resume",
+         "--no-tensorboard"], timeout=900)  # fmt: skip
+    return run_dir

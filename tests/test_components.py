@@ -21,7 +21,7 @@ spec = importlib.util.spec_from_file_location("kdq_components", REPO / "componen
 components = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(components)
 
-NAMES = ("teacher", "distill", "export", "pipeline")
+NAMES = ("teacher", "distill", "export", "pipeline", "sweep")
 TRAIN_ARGS = ["--preset", "demo", "--epochs", "1", "--batch_size", "64", "--alpha", "0", "--device", "cpu"]
 
 
@@ -114,6 +114,18 @@ def test_export_is_one_process():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="one process"):
         components.export("ckpt.pt", j="1x2")
+
+
+def test_a_sweep_step_is_one_kdq_sweep_process_and_only_train_takes_an_index():
+    (role,) = components.sweep(step="train", index=3, preset="smoke", run_dir="/runs/s", candidates=["resnet8"]).roles
+    assert role.entrypoint == "kdq" and role.num_replicas == 1
+    assert role.args == ["sweep", "--step", "train", "--preset", "smoke", "--run-dir", "/runs/s", "--target", "x86",
+                         "--index", "3", "--resume", "--candidate", "resnet8"]  # fmt: skip
+    assert components.sweep(step="train", index=3).name == "kdq-sweep-train-3"
+    assert "--budget-ms" in components.sweep(step="prepare", budget_ms=0.3).roles[0].args
+    for bad in (dict(step="train"), dict(step="gather", index=0), dict(step="plan")):
+        with pytest.raises(ValueError):
+            components.sweep(**bad)
 
 
 def test_pipeline_is_kdq_pipeline_itself():

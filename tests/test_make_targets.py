@@ -55,3 +55,27 @@ def test_make_bench_accuracy_writes_its_tables(tmp_path):
     cells = [cell for rows in rendered.values() for row in rows for cell in row]
     assert any("(n=3): " in cell for cell in cells) and any("(n=2): " in cell for cell in cells)  # paired by seed
     assert "Paired by seed" in r.stdout
+
+
+def test_make_bench_sweep_writes_its_table(smoke_sweep, tmp_path):
+    """`make bench-sweep` on a copy of the smoke sweep (--resume keeps its teacher, student and exports): the plan
+    and the front are measured again, and the results file holds README's table."""
+    import shutil
+
+    from bench.sweep import tables
+    from tests.targets import SMOKE_TARGET
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_sweep, run_dir)
+    tiny = (f"--preset smoke --budget-ms 0.3 --candidate resnet8 --run-dir {run_dir} --target {SMOKE_TARGET} "
+            "--rounds 1 --runs 3 --resume")  # fmt: skip
+    latest = ROOT / "bench" / "results" / "sweep-latest.json"
+    before = latest.stat().st_mtime_ns if latest.exists() else 0
+    r = make("bench-sweep", f"BENCH_ARGS={tiny}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert latest.stat().st_mtime_ns > before
+    result = json.loads(latest.read_text())
+    assert result["environment"]["git"]["commit"] and result["recipe"] == "smoke" and result["rounds"] == 1
+    assert {p["name"] for p in result["points"]} == {"resnet8", "teacher (int8)", "teacher (fp32)"}
+    assert "| resnet8 | certified |" in r.stdout and f"Decision: {result['decision']}." in r.stdout
+    assert [type(p).__name__ for p in tables(result)][:2] == ["Table", "str"]

@@ -259,13 +259,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, how):
 
 
 def test_soft_targets_that_would_run_code_are_refused(tmp_path, tiny):
-    from kdq.recipes import RunOptions, _soft_targets_for
+    from kdq.recipes import RunOptions, soft_targets_for
 
     marker = tmp_path / "pwned"
     torch.save({"logits": _Evil(marker)}, tmp_path / "soft_targets.pt")
     (tmp_path / "teacher.pt").write_bytes(b"a teacher file")  # soft targets are checked against their teacher's sha256
     with pytest.raises(ck.CheckpointError, match="refused to load"):
-        _soft_targets_for(tmp_path / "teacher.pt", tiny, tmp_path, RunOptions(), Runtime(torch.device("cpu")))
+        soft_targets_for(tmp_path / "teacher.pt", tiny, tmp_path, RunOptions(), Runtime(torch.device("cpu")))
     assert not marker.exists()
 
 

@@ -91,3 +91,33 @@ def test_pipeline_2x1_on_slurm_exports_once_from_rank_0(slurm, smoke_run, tmp_pa
     assert logs.count("[pipeline] smoke done") == 1, logs[-3000:]  # rank 0 only: rank 1 returned after training
     assert json.loads((run_dir / "export-x86" / "parity.json").read_text())["verdict"] == "certified"
     assert (run_dir / "report.md").is_file()
+
+
+def test_sweep_fans_candidates_out_as_parallel_slurm_jobs_then_gathers(slurm, smoke_sweep, tmp_path):
+    """deploy/sweep.py through TorchX on Slurm, resuming a copy of the smoke sweep with a second candidate: the
+    prepare job plans both (teacher and soft targets kept), two train jobs run at once (one a node), then the
+    gather job adds the new candidate's certified export to the front."""
+    import shutil
+
+    from tests.targets import SMOKE_TARGET
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_sweep, run_dir)
+    env = {**slurm, "PYTHONPATH": str(REPO)}
+    out = run(
+        [KIT, "exec", VENV_BIN / "python", REPO / "deploy" / "sweep.py", "-s", "slurm", "-cfg", "time=15",
+         "--preset", "smoke", "--budget-ms", "5", "--candidate", "resnet8", "--candidate", "mobilenet_v2_x0.35",
+         "--run-dir", str(run_dir), "--target", str(SMOKE_TARGET), "--device", "cpu", "--cpu", "1",
+         "--memMB", "3000", "--latency-runs", "3"],
+        cwd=tmp_path, env=env, timeout=1200,
+    ).stdout  # fmt: skip
+    handles = re.findall(r"\[sweep\] (prepare|train \(2 candidates in parallel\)|gather): (slurm://torchx/\d+)", out)
+    assert [step for step, _ in handles] == ["prepare", *["train (2 candidates in parallel)"] * 2, "gather"], out
+    listing = torchx(slurm, tmp_path, "list", "-s", "slurm").stdout
+    assert all(h.rsplit("/", 1)[1] in listing for _, h in handles), listing
+    result = json.loads((run_dir / "sweep.json").read_text())
+    students = {p["name"]: p for p in result["points"] if p["kind"] == "student"}
+    assert set(students) == {"resnet8", "mobilenet_v2_x0.35"}
+    assert all(p["verdict"] == "certified" for p in students.values()), students
+    assert (run_dir / "sweep" / "mobilenet_v2_x0.35" / "student_qat" / "checkpoint.pt").is_file()
+    assert "mobilenet_v2_x0.35" in (run_dir / "report.md").read_text()

@@ -9,7 +9,7 @@ import torch
 from kdq import checkpoint as ck
 from kdq.artifacts import sha256
 from kdq.data import Split, split_validation
-from kdq.recipes import SOFT_TARGETS, RunOptions, _soft_targets_for
+from kdq.recipes import SOFT_TARGETS, RunOptions, soft_targets_for
 from kdq.train import Runtime
 
 
@@ -19,15 +19,15 @@ def test_soft_targets_of_another_teacher_are_recomputed(smoke_run, digits, tmp_p
     teacher.parent.mkdir(parents=True)
     shutil.copy(smoke_run / "teacher" / "checkpoint.pt", teacher)
     opts, rt = RunOptions(device="cpu"), Runtime(torch.device("cpu"))
-    first, key = _soft_targets_for(teacher, digits, run, opts, rt)
+    first, key = soft_targets_for(teacher, digits, run, opts, rt)
     written = (run / SOFT_TARGETS).stat().st_mtime_ns
-    again, same_key = _soft_targets_for(teacher, digits, run, opts, rt)  # same teacher file: reused as is
+    again, same_key = soft_targets_for(teacher, digits, run, opts, rt)  # same teacher file: reused as is
     assert same_key == key and torch.equal(again, first) and (run / SOFT_TARGETS).stat().st_mtime_ns == written
 
     ckpt = ck.load_checkpoint(teacher)  # the teacher retrained (--overwrite, another --seed): other weights
     ckpt[ck.MODEL] = {k: v * 0.5 if v.is_floating_point() else v for k, v in ckpt[ck.MODEL].items()}
     ck.save_checkpoint(ckpt, teacher)
-    fresh, new_key = _soft_targets_for(teacher, digits, run, opts, rt)
+    fresh, new_key = soft_targets_for(teacher, digits, run, opts, rt)
     assert new_key["teacher_sha256"] == sha256(teacher) != key["teacher_sha256"]
     assert not torch.equal(fresh, first)
     assert ck.load_weights(run / SOFT_TARGETS, "soft targets")["teacher_sha256"] == new_key["teacher_sha256"]
