@@ -74,3 +74,24 @@ def test_each_block_names_its_source_and_machine(name):
     assert f"[{source}]({source})" in text
     if "environment" in result:
         assert result["environment"]["cpu"]["model_name"] in text
+
+
+def test_the_fashion_mnist_certificate_story_quotes_its_committed_certificates():
+    """The prose on the truncated ONNX bias (README, "Two quantization flows") quotes four certificates that sit in
+    results/certificates-fashion-mnist/: each figure is the check's value and 95% interval, as those files hold."""
+    folder = readme.ROOT / "results" / "certificates-fashion-mnist"
+
+    def check(name: str, gate: str) -> tuple[float, float, float]:
+        c = next(c for c in json.loads((folder / f"{name}-parity.json").read_text())["checks"] if c["name"] == gate)
+        return 100 * c["value"], 100 * c["ci"][0], 100 * c["ci"][1]
+
+    text = " ".join(readme.README.read_text().split())  # prose lines wrap anywhere
+    v, lo, hi = check("x86-eager-truncated-bias", "ort_flip_rate")
+    assert f"{v:.2f}% of the images (95% CI {lo:.2f}–{hi:.2f}%" in text
+    v, lo, hi = check("x86-eager", "ort_flip_rate")
+    assert f"flips {v:.2f}% ({lo:.2f}–{hi:.2f}%)" in text
+    v, lo, hi = check("x86-eager", "int8_accuracy_drop[onnxruntime_int8]")
+    assert f"int8 {v:.2f} pt below float in ONNX Runtime ({lo:.2f} to {hi:.2f} pt)".replace("-", "−") in text
+    v, lo, hi = check("x86-eager-tie-break", "ort_flip_rate")
+    assert f"rose to {v:.2f}% ({lo:.2f}–{hi:.2f}%)" in text
+    assert f"at {check('x86-pt2e', 'ort_flip_rate')[0]:.2f}% flips" in text
