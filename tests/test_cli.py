@@ -145,10 +145,13 @@ def test_pipeline_on_fashion_mnist_offline_is_judged_by_the_real_gates(tmp_path)
     """`kdq pipeline --dataset fashion-mnist` from Debian's files, no network: the smoke recipe on a 600-image
     subset, every model evaluated on all 10,000 test images and the export judged by export/x86.toml's own gates
     (without the timing ones: the CPU is shared; without the emulated AVX2 path: minutes on 10k images, and the
-    AVX2 identity has its own tests). Trained for seconds, its teacher stays at chance and the pipeline says so
-    before distilling; the KD student then loses whole classes in QAT (measured: Sandal 70 pt below the float
-    student), which the per-class gate proves on 1,000 images a class and refuses, while the runtimes agree with
-    each other: the int8 arithmetic is not what failed. The report is written all the same."""
+    AVX2 identity has its own tests). Trained for seconds, its teacher may or may not be ahead of the baseline (Intel:
+    at chance; AMD Zen 4: ahead; a CPU's float kernels make its own run), and the pipeline says which before
+    distilling; the KD student then loses whole classes in QAT (measured: Sandal 70 pt below the float student),
+    which the per-class gate proves on 1,000 images a class and refuses, while ONNX Runtime and TorchScript agree
+    with PyTorch int8: the exported files are not what failed. (Whether int8 arithmetic itself loses a class against
+    the QAT model depends on the run: on Zen 4 this near-chance model did, on Intel not.) The report is written all
+    the same."""
     need_debian_fashion_mnist()
     target = smoke_target("x86", tmp_path, paths=["exact"], real_gates=True)
     run = tmp_path / "run"
@@ -156,7 +159,7 @@ def test_pipeline_on_fashion_mnist_offline_is_judged_by_the_real_gates(tmp_path)
             "--data-dir", tmp_path / "empty", "--device", "cpu", "--latency-runs", "3", "--target", target]  # fmt: skip
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 1, result.output
-    assert "the teacher is NOT ahead" in result.output and "report: " in result.output
+    assert "Teacher vs baseline" in result.output and "report: " in result.output  # compared before distilling
     ckpt = ck.load_checkpoint(run / "student_qat" / "checkpoint.pt")
     assert ckpt[ck.CLASSES][0] == "T-shirt/top" and ckpt[ck.PRESET]["train_subset"] == 600
     assert len(json.loads((run / "student" / "history.json").read_text())) == 6
@@ -164,7 +167,5 @@ def test_pipeline_on_fashion_mnist_offline_is_judged_by_the_real_gates(tmp_path)
     assert parity["test_samples"] == 10_000 and parity["verdict"] == "rejected"
     verdicts = {c["name"]: c["verdict"] for c in parity["checks"]}
     assert verdicts["class_drop[onnxruntime_int8]"] == "fail", parity["checks"]
-    assert all(verdicts[g] != "fail" for g in verdicts if g.startswith(("ort_", "class_arithmetic", "torchscript"))), (
-        verdicts
-    )
+    assert all(verdicts[g] != "fail" for g in verdicts if g.startswith(("ort_", "torchscript"))), verdicts
     assert (run / "report.md").is_file()
