@@ -74,7 +74,7 @@ FLOWS_TABLE_fashion-mnist := runs/flows-fashion-mnist --no-latency
 # gpu-check needs no setup: a lent GPU machine has no registry, so it runs on that machine's own Python.
 GPU_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 gpu-check:  ## What only a GPU runs: bf16, SyncBatchNorm, streaming, PT2E QAT, a preset epoch (<= 8 min); GPU_ARGS=--full
-	PYTHONPATH=. $(GPU_PYTHON) -m bench.gpu_check $(GPU_ARGS)
+	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(GPU_PYTHON) -m bench.gpu_check $(GPU_ARGS)
 
 bench-flows: setup  ## Eager vs PT2E (FLOWS=demo|fashion-mnist): one float student, three certified int8 exports (~15 min)
 	-$(RUN) kdq pipeline $(FLOWS_ARGS_$(FLOWS)) --resume

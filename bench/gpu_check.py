@@ -45,10 +45,23 @@ class Skip(Exception):
     """A check that cannot run here (no CUDA for a CUDA-only path, a module this machine lacks)."""
 
 
+def time_left(ctx: dict) -> float:
+    """Seconds a check may still take: its own cap, cut to what is left of the whole run's --deadline-s."""
+    left = ctx["deadline"] - time.monotonic()
+    if left < 10:
+        raise Skip(f"--deadline-s reached ({left:.0f} s left)")
+    return min(ctx["timeout"], left)
+
+
 def kdq(*args, timeout: float) -> None:
     """The kdq CLI in a subprocess: a CUDA error or a hang in one check cannot take the others down."""
     cmd = [sys.executable, "-m", "kdq.cli", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # its last progress line says how far it got, and how fast
+        text = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        last = text.replace("\r", "\n").strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"`kdq {args[0]}` did not finish in {timeout:.0f} s; last: {last[0].strip()}") from e
     if proc.returncode != 0:
         lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
         raise RuntimeError(f"`kdq {' '.join(map(str, args[:1]))}` exited {proc.returncode}: {lines[-1]}")
@@ -64,7 +77,7 @@ def check_bf16_channels_last(ctx: dict) -> dict:
     run = ctx["run"]
     kdq("teacher", "--preset", "smoke", "--dataset", "fashion-mnist", "--data-dir", ctx["data_dir"],
         "--train-subset", ctx["images"], "--epochs", ctx["epochs"], "--device", ctx["device"], "--run-dir", run,
-        "--no-tensorboard", timeout=ctx["timeout"])  # fmt: skip
+        "--no-tensorboard", timeout=time_left(ctx))  # fmt: skip
     return {"amp": "bf16 autocast, channels_last" if ctx["cuda"] else "float32 (CPU)", **history(run / "teacher")}
 
 
@@ -135,7 +148,7 @@ def check_pt2e_qat(ctx: dict) -> dict:
         raise Skip("no teacher: bf16_channels_last failed")
     kdq("distill", "--qat", "--flow", "pt2e", "--preset", "smoke", "--dataset", "fashion-mnist", "--data-dir",
         ctx["data_dir"], "--train-subset", ctx["images"], "--epochs", ctx["epochs"], "--device", ctx["device"],
-        "--run-dir", run, "--no-tensorboard", timeout=ctx["timeout"])  # fmt: skip
+        "--run-dir", run, "--no-tensorboard", timeout=time_left(ctx))  # fmt: skip
     stages = sorted(p.name for p in run.iterdir() if p.name.startswith("student_qat"))
     return {"stages": stages, **history(run / stages[-1])}
 
@@ -148,7 +161,7 @@ def check_preset_epoch(ctx: dict) -> dict:
     preset = get_preset("fashion-mnist")
     run = ctx["run"] / "preset"
     kdq("teacher", "--preset", "fashion-mnist", "--data-dir", ctx["data_dir"], "--epochs", 1, "--val-fraction", 0,
-        "--device", ctx["device"], "--run-dir", run, "--no-tensorboard", timeout=ctx["timeout"])  # fmt: skip
+        "--device", ctx["device"], "--run-dir", run, "--no-tensorboard", timeout=time_left(ctx))  # fmt: skip
     epoch = history(run / "teacher")
     epochs = preset.teacher_optim.epochs + 2 * preset.student_optim.epochs  # teacher, baseline and KD student
     return {**epoch, "preset_epochs": epochs, "projected_minutes": epoch["epoch_seconds"] * epochs / 60,
@@ -167,6 +180,7 @@ CHECKS: dict[str, Callable[[dict], dict]] = {
 def run_check(name: str, ctx: dict) -> dict:
     start = time.perf_counter()
     try:
+        time_left(ctx)
         record = {"status": "ok", **CHECKS[name](ctx)}
     except Skip as e:
         record = {"status": "skipped", "why": str(e)}
@@ -189,6 +203,19 @@ def machine() -> dict:
         return {"host": platform.node(), "python": platform.python_version(), "incomplete": str(e)}
 
 
+def header(device: str) -> dict:
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def write_partial(out_dir: Path, result: dict) -> None:
+    """NAME-latest.json after each check, replaced whole: a run killed at its time limit still says what ran."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{RESULTS_NAME}-latest.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out_dir / f"{RESULTS_NAME}-latest.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -202,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"then `kdq pipeline --preset fashion-mnist` on the device, capped at {FULL_TIMEOUT_S} s",
     )
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=480,
+        help="stop starting checks after this many seconds (default 480: a lent GPU's minutes are "
+        "few); each check's JSON is written as it ends, so a killed run still leaves what ran",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -212,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kdq-gpu-check-") as tmp:
         ctx = {"device": args.device, "cuda": cuda, "data_dir": args.data_dir, "run": Path(tmp) / "run",
                "tiny": args.tiny, "images": 500 if args.tiny else 10_000, "epochs": 1 if args.tiny else 3,
-               "stream_images": 1_000 if args.tiny else 60_000, "timeout": 600 if args.tiny else 240}  # fmt: skip
-        checks = {name: run_check(name, ctx) for name in (args.only or CHECKS)}
+               "stream_images": 1_000 if args.tiny else 60_000, "timeout": 600 if args.tiny else 240,
+               "deadline": time.monotonic() + args.deadline_s}  # fmt: skip
+        checks = {}
+        for name in args.only or CHECKS:
+            checks[name] = run_check(name, ctx)
+            write_partial(args.out_dir, {**header(args.device), "checks": checks, "partial": True})
         if args.full:
             start = time.perf_counter()
             try:
@@ -223,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 checks["full_pipeline"] = {"status": "failed", "error": str(e).splitlines()[0]}
             checks["full_pipeline"]["seconds"] = round(time.perf_counter() - start, 1)
-    device = torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu"
-    result = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "tiny": args.tiny,
-              "checks": checks, "environment": machine()}  # fmt: skip
+    result = {**header(args.device), "tiny": args.tiny, "checks": checks, "environment": machine()}
     path = write_results(RESULTS_NAME, result, args.out_dir)
     failed = [n for n, c in checks.items() if c["status"] == "failed"]
     print(f"gpu-check: {len(checks) - len(failed)} of {len(checks)} checks did not fail; {path}", file=sys.stderr)
