@@ -1,7 +1,7 @@
-"""`make gpu-check`: everything only a GPU runs, each briefly, in one script (about 5 min on one GPU).
+"""`make gpu-check`: everything only a GPU runs, each briefly, in one script (about 2.5 min on an H200).
 
     make gpu-check                                        # the checks below -> bench/results/gpu-check-*.json
-    uv run --frozen python -m bench.gpu_check --full      # then the fashion-mnist preset end to end (10 min cap)
+    uv run --frozen python -m bench.gpu_check --full      # then the fashion-mnist preset, its epochs cut to 10 min
     PYTHONPATH=. python3 -m bench.gpu_check --data-dir data   # a lent GPU machine: its own Python, no venv
 
 A GPU is lent rarely and briefly, so this is written and run on the CPU first (`--device cpu --tiny`,
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,10 +37,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import environment, write_results
+from bench.common import Table, environment, markdown_table, write_results
+from kdq.presets import Preset
+from kdq.stats import rate_interval
 
 RESULTS_NAME = "gpu-check"
-FULL_TIMEOUT_S = 600  # --full: the fashion-mnist preset's pipeline, capped at 10 minutes
+FULL_BUDGET_S = 600  # --full: the fashion-mnist preset's pipeline, sized to finish in 10 minutes
+FULL_TRAINING_SHARE = 0.6  # of that budget, for the training epochs
+FASHION_MNIST_TEST_IMAGES = 10_000  # the preset's test split (t10k), for results written before test_images was
 
 
 class Skip(Exception):
@@ -168,6 +174,65 @@ def check_preset_epoch(ctx: dict) -> dict:
             "note": "teacher epochs at the ResNet teacher's speed: the MobileNetV2 students are faster"}  # fmt: skip
 
 
+def full_recipe(seconds_per_epoch: float, budget_s: float) -> Preset:
+    """The fashion-mnist preset with every stage's epochs cut by one factor, so that its training takes
+    FULL_TRAINING_SHARE of `budget_s` at the speed preset_epoch measured (the rest: soft targets, calibration,
+    export, certificate)."""
+    from kdq.presets import get_preset
+
+    preset = get_preset("fashion-mnist")
+    qat = preset.quant.qat_optim
+    epochs = preset.teacher_optim.epochs + 2 * preset.student_optim.epochs + qat.epochs  # teacher, baseline, KD
+    scale = min(1.0, FULL_TRAINING_SHARE * budget_s / (seconds_per_epoch * epochs))
+
+    def cut(optim):
+        return dataclasses.replace(optim, epochs=max(1, round(optim.epochs * scale)))
+
+    return dataclasses.replace(preset, name="fashion-mnist-gpu-full", teacher_optim=cut(preset.teacher_optim),
+                               student_optim=cut(preset.student_optim),
+                               quant=dataclasses.replace(preset.quant, qat_optim=cut(qat)))  # fmt: skip
+
+
+def check_full_pipeline(ctx: dict) -> dict:
+    """`kdq pipeline` end to end on the device, from a recipe sized by preset_epoch's speed to the budget."""
+    from kdq.presets import recipe_toml
+
+    epoch = ctx.get("epoch_check") or {}
+    if epoch.get("status") != "ok":
+        raise Skip("--full is sized from preset_epoch's seconds per epoch, and preset_epoch did not run")
+    recipe = full_recipe(epoch["epoch_seconds"], ctx["timeout"])
+    path = ctx["run"].parent / "full.toml"
+    path.write_text(recipe_toml(recipe))
+    run = ctx["run"].parent / "full"
+    record = {"budget_s": ctx["timeout"], "epochs": {"teacher": recipe.teacher_optim.epochs,
+              "student": recipe.student_optim.epochs, "qat": recipe.quant.qat_optim.epochs}}  # fmt: skip
+    try:
+        kdq("pipeline", "--recipe", path, "--data-dir", ctx["data_dir"], "--device", ctx["device"], "--run-dir", run,
+            "--no-tensorboard", timeout=time_left(ctx))  # fmt: skip
+    except RuntimeError as e:
+        e.partial = finished(run, record)  # what finished before it failed or ran out of time
+        raise
+    return finished(run, record)
+
+
+def finished(run: Path, record: dict) -> dict:
+    """The stages a pipeline run finished (last epoch of each), its test accuracies and certificate verdicts."""
+    record["stages"] = {d.name: history(d) for d in sorted(run.glob("*/")) if (d / "history.json").is_file()}
+    if (run / "evaluation_results.json").is_file():
+        evaluated = json.loads((run / "evaluation_results.json").read_text())
+        record["test_top1"] = {name: row["top1"] for name, row in evaluated.items()}
+        record["test_images"] = len(next(iter(evaluated.values()))["correct"])
+    for manifest in sorted(run.glob("export-*/manifest.json")):
+        verdict = json.loads(manifest.read_text())["certificate"]["verdict"]
+        record.setdefault("certificates", {})[manifest.parent.name] = verdict
+        parity = manifest.parent / "parity.json"
+        if parity.is_file():  # the gates that did not pass, and why: the run folder is gone after this script
+            record.setdefault("gates_not_passed", {})[manifest.parent.name] = {
+                c["name"]: c["reason"] or f"{c['value']} against {c['threshold']}"
+                for c in json.loads(parity.read_text())["checks"] if not c["passed"]}  # fmt: skip
+    return record
+
+
 CHECKS: dict[str, Callable[[dict], dict]] = {
     "bf16_channels_last": check_bf16_channels_last,
     "sync_batchnorm": check_sync_batchnorm,
@@ -175,17 +240,19 @@ CHECKS: dict[str, Callable[[dict], dict]] = {
     "pt2e_qat": check_pt2e_qat,
     "preset_epoch": check_preset_epoch,
 }
+EXTRA_CHECKS = {"full_pipeline": check_full_pipeline}  # --full
 
 
 def run_check(name: str, ctx: dict) -> dict:
     start = time.perf_counter()
     try:
         time_left(ctx)
-        record = {"status": "ok", **CHECKS[name](ctx)}
+        record = {"status": "ok", **(CHECKS | EXTRA_CHECKS)[name](ctx)}
     except Skip as e:
         record = {"status": "skipped", "why": str(e)}
     except Exception as e:  # a failed check is a result: the others still run
-        record = {"status": "failed", "error": f"{e.__class__.__name__}: {e}".splitlines()[0],
+        error = f"{e.__class__.__name__}: {e}".splitlines()[0]
+        record = {**getattr(e, "partial", {}), "status": "failed", "error": error,
                   "traceback": traceback.format_exc(limit=3)}  # fmt: skip
     record["seconds"] = round(time.perf_counter() - start, 2)
     print(f"[gpu-check] {name:<20} {record['status']:<8} {record['seconds']:7.1f} s  "
@@ -216,6 +283,64 @@ def write_partial(out_dir: Path, result: dict) -> None:
     tmp.replace(out_dir / f"{RESULTS_NAME}-latest.json")
 
 
+def _figures(name: str, c: dict) -> str:
+    """The numbers each check is run for, in a few words."""
+    if c["status"] != "ok":
+        return c.get("why") or c.get("error", "")
+    if name in ("bf16_channels_last", "pt2e_qat"):
+        return f"{c['images_per_second']:,.0f} img/s, val {c['val_acc']:.1%} after {c['epoch']} epochs"
+    if name == "sync_batchnorm":
+        return f"{', '.join(c['batchnorm_classes'])}; max |Δ| outputs {c['max_output_diff']:.1e}, grads " \
+               f"{c['max_grad_diff']:.1e}"  # fmt: skip
+    if name == "streaming":
+        return f"{c['images']:,} images: on device {c['on_device_images_per_s']:,.0f} img/s, streamed (pinned) " \
+               f"{c['streamed_images_per_s']:,.0f} img/s, same batches"  # fmt: skip
+    if name == "preset_epoch":
+        return f"{c['epoch_seconds']:.1f} s per 60,000-image epoch; the preset's {c['preset_epochs']} epochs ≈ " \
+               f"{c['projected_minutes']:.0f} min"  # fmt: skip
+    return ""
+
+
+def gates_not_passed(full: dict) -> dict[str, str]:
+    """Gate -> why, from the record; results written before it was kept name the gates in the error alone."""
+    if "gates_not_passed" in full:
+        return {g: why for by_export in full["gates_not_passed"].values() for g, why in by_export.items()}
+    named = re.search(r"gates failed: ([^(]+) \(", full.get("error", ""))
+    return {g.strip(): "" for g in named[1].split(",")} if named else {}
+
+
+def tables(result: dict) -> list[str | Table]:
+    """What ran on the GPU, and (--full) the pipeline it ran end to end."""
+    checks = result["checks"]
+    rows = [[name, c["status"], f"{c['seconds']:.0f}", _figures(name, c)] for name, c in checks.items()
+            if name != "full_pipeline"]  # fmt: skip
+    parts: list[str | Table] = []
+    if rows:
+        parts.append(Table(f"make gpu-check on one {result['device']} (torch {result['torch']}, CUDA "
+                           f"{result['cuda']})", ["check", "status", "s", "figures"], rows))  # fmt: skip
+    full = checks.get("full_pipeline")
+    if full and "stages" in full:
+        n = full.get("test_images", FASHION_MNIST_TEST_IMAGES)
+        top1 = full.get("test_top1", {})
+        stage_rows = []
+        for stage, h in full["stages"].items():
+            acc = top1.get(stage)
+            ci = "{:.1%} – {:.1%}".format(*rate_interval(round(acc * n), n)) if acc is not None else ""
+            stage_rows.append([stage, h["epoch"], f"{h['images_per_second']:,.0f}", f"{h['epoch_seconds']:.1f}",
+                               f"{acc:.2%}" if acc is not None else "", ci])  # fmt: skip
+        epochs = full["epochs"]
+        parts.append(Table(
+            f"GPU_ARGS=--full: `kdq pipeline` on the fashion-mnist preset, epochs cut to fit {full['budget_s']:.0f} s "
+            f"(teacher {epochs['teacher']}, students {epochs['student']}, QAT {epochs['qat']}); test top-1 on "
+            f"the {n:,} test images (95% Wilson interval)",
+            ["stage", "epochs", "img/s", "s per epoch", "test top-1", "95% CI"], stage_rows))  # fmt: skip
+        verdicts = ", ".join(f"`{k}` {v}" for k, v in full.get("certificates", {}).items()) or "no export"
+        gates = "; ".join(f"`{g}`" + (f" ({why})" if why else "") for g, why in gates_not_passed(full).items())
+        parts.append(f"The pipeline ran {full['seconds']:.0f} s: {verdicts}"
+                     + (f"; gates not passed: {gates}." if gates else "."))  # fmt: skip
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -226,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--full",
         action="store_true",
-        help=f"then `kdq pipeline --preset fashion-mnist` on the device, capped at {FULL_TIMEOUT_S} s",
+        help="then `kdq pipeline` on the device: the fashion-mnist preset, its epochs cut to fit --full-budget-s "
+        "at the speed preset_epoch measured",
     )
+    parser.add_argument("--full-budget-s", type=float, default=FULL_BUDGET_S, help="--full's budget in seconds")
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")
     parser.add_argument(
         "--deadline-s",
@@ -253,16 +380,12 @@ def main(argv: list[str] | None = None) -> int:
             checks[name] = run_check(name, ctx)
             write_partial(args.out_dir, {**header(args.device), "checks": checks, "partial": True})
         if args.full:
-            start = time.perf_counter()
-            try:
-                kdq("pipeline", "--preset", "fashion-mnist", "--data-dir", args.data_dir, "--device", args.device,
-                    "--run-dir", Path(tmp) / "full", timeout=FULL_TIMEOUT_S)  # fmt: skip
-                checks["full_pipeline"] = {"status": "ok"}
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                checks["full_pipeline"] = {"status": "failed", "error": str(e).splitlines()[0]}
-            checks["full_pipeline"]["seconds"] = round(time.perf_counter() - start, 1)
+            ctx.update(timeout=args.full_budget_s, deadline=time.monotonic() + args.full_budget_s)
+            checks["full_pipeline"] = run_check("full_pipeline", {**ctx, "epoch_check": checks.get("preset_epoch")})
     result = {**header(args.device), "tiny": args.tiny, "checks": checks, "environment": machine()}
     path = write_results(RESULTS_NAME, result, args.out_dir)
+    for part in tables(result):
+        print(part if isinstance(part, str) else markdown_table(part))
     failed = [n for n, c in checks.items() if c["status"] == "failed"]
     print(f"gpu-check: {len(checks) - len(failed)} of {len(checks)} checks did not fail; {path}", file=sys.stderr)
     return 1 if failed else 0

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, floor, flows, inference, int8_paths, memory, sweep, training
+from bench import accuracy, floor, flows, gpu_check, inference, int8_paths, memory, sweep, training
 from bench.common import Table, markdown_table
 from kdq.evaluate import paired_gain
 from kdq.parity import certificate_headline
@@ -123,6 +123,8 @@ SOURCES: dict[str, tuple[str, Callable[[dict], list[str | Table]]]] = {
     "memory": ("results/memory-fashion-mnist.json", memory.tables),
     "plan": ("results/plan-x86.json", plan_tables),
     "sweep": ("results/sweep-fashion-mnist.json", sweep.tables),
+    "gpu-check": ("results/gpu-check-h200.json", gpu_check.tables),
+    "gpu-check-full": ("results/gpu-check-h200-full.json", gpu_check.tables),
 }
 
 

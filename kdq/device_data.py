@@ -36,7 +36,7 @@ class TrainImages:
     def __init__(self, images: torch.Tensor, device: torch.device, stream: bool | None = None):
         self.device = device
         self.stream = not fits_on(images, device) if stream is None else stream
-        if self.stream and device.type == "cuda":
+        if stream is None and self.stream:
             print(f"[data] {images.numel() / 1e9:.1f} GB of images > {DEVICE_DATA_FRACTION:.0%} of the GPU's free "
                   "memory: batches stream from host memory", file=sys.stderr)  # fmt: skip
         self.images = images if self.stream else images.to(device)

@@ -142,6 +142,9 @@ def test_images_stream_when_they_would_take_over_half_the_gpus_free_memory(monke
     streamed = TrainImages(images, cuda)  # would raise on a CPU-only machine if it copied the images to the GPU
     assert streamed.stream and streamed.images is images
     assert "batches stream from host memory" in capsys.readouterr().err
+    free["bytes"] += 1
+    assert TrainImages(images, cuda, stream=True).stream  # asked for (gpu-check): no claim that they do not fit
+    assert capsys.readouterr().err == ""
     assert fits_on(images, torch.device("cpu"))
 
 
