@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.common import Table, environment, markdown_table, write_results
+from kdq.files import save_json
 from kdq.presets import Preset
 from kdq.stats import rate_interval
 
@@ -169,9 +170,16 @@ def check_preset_epoch(ctx: dict) -> dict:
     kdq("teacher", "--preset", "fashion-mnist", "--data-dir", ctx["data_dir"], "--epochs", 1, "--val-fraction", 0,
         "--device", ctx["device"], "--run-dir", run, "--no-tensorboard", timeout=time_left(ctx))  # fmt: skip
     epoch = history(run / "teacher")
-    epochs = preset.teacher_optim.epochs + 2 * preset.student_optim.epochs  # teacher, baseline and KD student
+    epochs = sum(n for stage, n in stage_epochs(preset).items() if stage != "qat")
     return {**epoch, "preset_epochs": epochs, "projected_minutes": epoch["epoch_seconds"] * epochs / 60,
             "note": "teacher epochs at the ResNet teacher's speed: the MobileNetV2 students are faster"}  # fmt: skip
+
+
+def stage_epochs(preset: Preset) -> dict[str, int]:
+    """The epochs of each training stage `kdq pipeline` runs: teacher, baseline and KD student, QAT."""
+    students = preset.student_optim.epochs
+    return {"teacher": preset.teacher_optim.epochs, "baseline": students, "student": students,
+            "qat": preset.quant.qat_optim.epochs}  # fmt: skip
 
 
 def full_recipe(seconds_per_epoch: float, budget_s: float) -> Preset:
@@ -182,8 +190,7 @@ def full_recipe(seconds_per_epoch: float, budget_s: float) -> Preset:
 
     preset = get_preset("fashion-mnist")
     qat = preset.quant.qat_optim
-    epochs = preset.teacher_optim.epochs + 2 * preset.student_optim.epochs + qat.epochs  # teacher, baseline, KD
-    scale = min(1.0, FULL_TRAINING_SHARE * budget_s / (seconds_per_epoch * epochs))
+    scale = min(1.0, FULL_TRAINING_SHARE * budget_s / (seconds_per_epoch * sum(stage_epochs(preset).values())))
 
     def cut(optim):
         return dataclasses.replace(optim, epochs=max(1, round(optim.epochs * scale)))
@@ -273,14 +280,6 @@ def machine() -> dict:
 def header(device: str) -> dict:
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
-
-
-def write_partial(out_dir: Path, result: dict) -> None:
-    """NAME-latest.json after each check, replaced whole: a run killed at its time limit still says what ran."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{RESULTS_NAME}-latest.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out_dir / f"{RESULTS_NAME}-latest.json")
 
 
 def _figures(name: str, c: dict) -> str:
@@ -378,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         checks = {}
         for name in args.only or CHECKS:
             checks[name] = run_check(name, ctx)
-            write_partial(args.out_dir, {**header(args.device), "checks": checks, "partial": True})
+            # rewritten whole after each check: a run killed at its time limit still says what ran
+            save_json({**header(args.device), "checks": checks, "partial": True},
+                      args.out_dir / f"{RESULTS_NAME}-latest.json")  # fmt: skip
         if args.full:
             ctx.update(timeout=args.full_budget_s, deadline=time.monotonic() + args.full_budget_s)
             checks["full_pipeline"] = run_check("full_pipeline", {**ctx, "epoch_check": checks.get("preset_epoch")})
