@@ -27,9 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     target = load_target(args.target)
-    settings = dict(image_size=32, num_classes=10, rounds=args.rounds, runs=args.runs)
-    rows = plan.measure(plan.STUDENT_FAMILY, target, batch=args.batch, threads=args.threads, progress=print, **settings)
-    return plan.report(rows, target, args.budget_ms, args.batch, args.threads, **settings)
+    return plan.run_plan(plan.STUDENT_FAMILY, target, args.budget_ms, batch=args.batch, threads=args.threads,
+                         rounds=args.rounds, runs=args.runs, progress=print)  # fmt: skip
 
 
 def show(result: dict) -> None:

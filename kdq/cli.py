@@ -648,16 +648,14 @@ def plan_cmd(target, budget_ms, batch, threads, image_size, classes, rounds, run
     family = plan.candidates(candidates)
     out = out or Path("runs") / "plan" / f"{t.name}-b{batch}-t{threads}.json"
     check_writable(out.parent)
-    settings = dict(batch=batch, threads=threads, image_size=image_size, num_classes=classes, rounds=rounds, runs=runs)
     with tqdm(total=len(family) + rounds, desc="kdq plan", disable=None) as bar:
 
         def progress(what: str) -> None:
             bar.set_postfix_str(what)
             bar.update()
 
-        rows = plan.measure(family, t, progress=progress, **settings)
-    result = plan.report(rows, t, budget_ms, batch, threads, image_size=image_size, num_classes=classes,
-                         rounds=rounds, runs=runs)  # fmt: skip
+        result = plan.run_plan(family, t, budget_ms, batch=batch, threads=threads, image_size=image_size,
+                               num_classes=classes, rounds=rounds, runs=runs, progress=progress)  # fmt: skip
     save_json(result, out)
     click.echo(plan.format_table(result))
     click.echo(f"-> {out}")

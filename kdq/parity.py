@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -482,6 +483,7 @@ def measure(folder: Path, checkpoint: Path, data_dir: Path, reference: Path | No
         "paths": paths.taken,
         "path_runs": runs,
         "missing_paths": paths.missing,
+        "path_seconds": paths.seconds,
         "onnxruntime_config": ort_config,
         "sizes_bytes": {fmt: art["bytes"] for fmt, art in formats.items()},
     }
@@ -518,6 +520,7 @@ class Int8Paths:
         self.checkpoint, self.onnx, self.ort_config, self.x = checkpoint, onnx, ort_config, x
         self.isa, self.native = int8_isa(), native_isa()
         self.missing: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}  # wall time of each extra path (an emulated one takes minutes)
         self.taken: dict[str, str] = {"native": describe_isa(self.isa)}
         if self.isa != self.native:
             self.taken["native"] += f" ({IDENTITY_ENV}={identity()} on a {describe_isa(self.native)} CPU)"
@@ -545,27 +548,32 @@ class Int8Paths:
         `pytorch_int8`: PyTorch runs real int8 kernels (`Flow.int8_kernels_in_pytorch`): it has an AVX2 path too."""
         runs = {"native": {k: k for k in logits if k.endswith("_int8")}}
         for name in names:
-            if name == "exact" and self.onnx:
-                logits["onnxruntime_int8@exact"] = self.ort_logits({**self.ort_config, **ORT_EXACT_U8S8},
-                                                                   self.ort_launcher)  # fmt: skip
-                runs[name] = {"onnxruntime_int8": "onnxruntime_int8@exact"}
-                self.taken[name] = "ONNX Runtime with session.x64quantprecision=1 (u8u8, no int16 saturation)"
-                if self.ort_launcher:
-                    self.taken[name] += " on the emulated AVX2 CPU"
-            elif name == "avx2":
-                runs[name], how = {}, []
-                if pytorch_int8:
-                    runs[name]["pytorch_int8"], text = self._pytorch_avx2(logits)
-                    how.append(f"PyTorch: {text}")
-                else:
-                    how.append("PyTorch: Q/DQ in float (no int8 kernel, no AVX2 path)")
-                if self.onnx:
-                    key, text = self._ort_avx2(logits)
-                    if key:
-                        runs[name]["onnxruntime_int8"] = key
-                    how.append(f"ONNX Runtime: {text}")
-                self.taken[name] = "; ".join(how)
+            start = time.perf_counter()
+            self._run_path(name, logits, pytorch_int8, runs)
+            self.seconds[name] = round(time.perf_counter() - start, 1)
         return runs
+
+    def _run_path(self, name: str, logits: dict, pytorch_int8: bool, runs: dict) -> None:
+        if name == "exact" and self.onnx:
+            logits["onnxruntime_int8@exact"] = self.ort_logits({**self.ort_config, **ORT_EXACT_U8S8},
+                                                               self.ort_launcher)  # fmt: skip
+            runs[name] = {"onnxruntime_int8": "onnxruntime_int8@exact"}
+            self.taken[name] = "ONNX Runtime with session.x64quantprecision=1 (u8u8, no int16 saturation)"
+            if self.ort_launcher:
+                self.taken[name] += " on the emulated AVX2 CPU"
+        elif name == "avx2":
+            runs[name], how = {}, []
+            if pytorch_int8:
+                runs[name]["pytorch_int8"], text = self._pytorch_avx2(logits)
+                how.append(f"PyTorch: {text}")
+            else:
+                how.append("PyTorch: Q/DQ in float (no int8 kernel, no AVX2 path)")
+            if self.onnx:
+                key, text = self._ort_avx2(logits)
+                if key:
+                    runs[name]["onnxruntime_int8"] = key
+                how.append(f"ONNX Runtime: {text}")
+            self.taken[name] = "; ".join(how)
 
     def _pytorch_avx2(self, logits: dict) -> tuple[str, str]:
         if self.isa["pytorch"] == "avx2":
@@ -642,7 +650,8 @@ def format_report(report: dict) -> str:
     if "where" in report:
         lines += [f"Measured on {describe(report['where'])}.", ""]
     for path, how in report.get("paths", {}).items():
-        lines.append(f"- int8 path `{path}`: {how}")
+        seconds = report.get("path_seconds", {}).get(path)
+        lines.append(f"- int8 path `{path}`: {how}" + (f" ({seconds:.0f} s)" if seconds is not None else ""))
     if report.get("onnxruntime_config"):
         entries = ", ".join(f"{k}={v}" for k, v in report["onnxruntime_config"].items())
         lines.append(f"- ONNX Runtime session config (every consumer sets it, see the manifest): {entries}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -13,10 +15,11 @@ import torch
 from kdq import recipes
 from kdq.artifacts import ExportError, load_target
 from kdq.config import QAT_STAGE, Preset, qat_stage, with_overrides
+from kdq.cpu import describe, environment
 from kdq.errors import KdqError
 from kdq.evaluate import paired_gain
 from kdq.export import existing_certificate, export
-from kdq.files import newer_than
+from kdq.files import newer_than, save_json
 from kdq.parity import format_report
 from kdq.quant import get_flow
 from kdq.report import teacher_lead, teacher_lead_sentence, write_report
@@ -27,6 +30,7 @@ DEFAULT_TARGETS = {("eager", "x86"): "x86", ("eager", "qnnpack"): "arm", ("pt2e"
                    ("pt2e", "xnnpack"): "mobile"}  # fmt: skip
 # The trained stages of a run, in order (RUN/<stage>/checkpoint.pt); components.py's pipeline job trains the same.
 STAGES = ("teacher", "baseline", "student", QAT_STAGE)
+TIMINGS_JSON = "timings.json"
 
 
 def run_pipeline(
@@ -51,31 +55,37 @@ def run_pipeline(
     repaired (`kdq.repair`) into RUN/<qat stage>_repaired, and that is what is exported.
     """
     run_dir = Path(run_dir)
-    t0 = time.perf_counter()
     target = load_target(target or default_target(flow or preset.quant.flow, preset.quant.backend))
     if flow is not None and flow != target.flow:
         raise KdqError(f"target {target.name!r} is exported from the {target.flow} flow, not {flow}: drop --flow")
     preset = with_overrides(preset, quant=with_overrides(preset.quant, backend=target.backend, flow=target.flow))
     get_flow(target.flow).check_available(target.backend)  # a missing ExecuTorch fails before training
     rt = setup_runtime(opts.device)
-    stages = {"teacher": recipes.train_teacher(preset, run_dir, opts)}
-    stages["baseline"] = recipes.train_student(with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline")
+    clock = StepClock()
+    with clock("teacher"):
+        stages = {"teacher": recipes.train_teacher(preset, run_dir, opts)}
+    with clock("baseline"):
+        stages["baseline"] = recipes.train_student(with_overrides(preset, alpha=0.0), run_dir, opts, stage="baseline")
     _barrier(rt)  # every rank reads the histories rank 0 wrote
     check_teacher_ahead(run_dir, require_teacher_ahead)
-    stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
+    with clock("student"):
+        stages["student"] = recipes.train_student(preset, run_dir, opts, stage="student")
     qat = qat_stage(target.flow, target.backend)
-    stages[qat] = recipes.train_student(preset, run_dir, opts, stage=qat, qat=True, init=stages["student"])
+    with clock(qat):
+        stages[qat] = recipes.train_student(preset, run_dir, opts, stage=qat, qat=True, init=stages["student"])
     if not rt.is_main:  # under torchrun: the trainings used every process; the rest runs once, on rank 0
         return {}
     exported = stages[qat]
     if max_drop is not None:
-        exported = stages[f"{qat}_repaired"] = repaired_stage(stages[qat], max_drop, opts)
+        with clock("repair"):
+            exported = stages[f"{qat}_repaired"] = repaired_stage(stages[qat], max_drop, opts)
     eval_json = run_dir / recipes.EVALUATION_JSON
     if opts.resume and newer_than(eval_json, stages.values()):
         print(f"[pipeline] {eval_json} is newer than every checkpoint: kept", file=sys.stderr)
         results = json.loads(eval_json.read_text())
     else:
-        results = recipes.evaluate_checkpoints(list(stages.values()), opts, eval_json)
+        with clock("evaluate"):
+            results = recipes.evaluate_checkpoints(list(stages.values()), opts, eval_json)
     click.echo(recipes.format_table(results))
     if (gain := paired_gain(results)) is not None:
         click.echo(f"Knowledge distillation: {gain.sentence()}")
@@ -87,14 +97,15 @@ def run_pipeline(
         print(f"[pipeline] {out} already certifies this checkpoint for {target.name}: kept", file=sys.stderr)
     else:
         try:
-            report = export(
-                exported,
-                out,
-                target,
-                data_dir=opts.data_dir,
-                overwrite=opts.overwrite or opts.resume,
-                latency_runs=export_latency_runs,
-            )
+            with clock("export"):
+                report = export(
+                    exported,
+                    out,
+                    target,
+                    data_dir=opts.data_dir,
+                    overwrite=opts.overwrite or opts.resume,
+                    latency_runs=export_latency_runs,
+                )
         except ExportError as e:  # the report matters most now: the failed gates, per-class plot, diagnosis
             if out.with_name(out.name + ".rejected").is_dir():
                 md, _ = write_report(run_dir)
@@ -102,10 +113,40 @@ def run_pipeline(
             raise
     click.echo(format_report(report))
     click.echo(f"{report['verdict']} int8 export -> {out}")
-    md, page = write_report(run_dir)
+    with clock("report"):
+        md, page = write_report(run_dir)
     click.echo(f"report -> {md} (self-contained: {page})")
-    print(f"[pipeline] {preset.name} done in {time.perf_counter() - t0:.0f}s -> {run_dir}", file=sys.stderr)
+    clock.save(run_dir / TIMINGS_JSON, report.get("path_seconds", {}))
+    print(f"[pipeline] {preset.name} done in {clock.total():.0f}s ({clock.summary()}) -> {run_dir}", file=sys.stderr)
     return results
+
+
+class StepClock:
+    """Wall seconds of each step of a run, so that "the demo takes N minutes" says where they went (a step kept
+    by --resume takes about none)."""
+
+    def __init__(self) -> None:
+        self.start, self.seconds = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = round(time.perf_counter() - start, 1)
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def summary(self) -> str:
+        return ", ".join(f"{step} {s:.0f}s" for step, s in self.seconds.items())
+
+    def save(self, path: Path, certificate_paths: dict[str, float]) -> None:
+        """RUN/timings.json: each step, the total, the extra int8 paths inside the export (an emulated one is most
+        of it on a VNNI CPU), and the CPU."""
+        save_json({"seconds": self.seconds, "total_seconds": round(self.total(), 1),
+                   "export_int8_path_seconds": certificate_paths, "where": describe(environment())}, path)  # fmt: skip
 
 
 def repaired_stage(qat: Path, max_drop: float, opts: recipes.RunOptions) -> Path:

@@ -153,12 +153,27 @@ def plan(rows: list[dict], budget_ms: float) -> list[dict]:
     return sorted(({**r, "within_budget": r["int8_ms"] <= budget_ms} for r in rows), key=lambda r: r["int8_ms"])
 
 
-def report(rows: list[dict], target: Target, budget_ms: float, batch: int, threads: int, **settings) -> dict:
+def run_plan(
+    family: Sequence[Candidate],
+    target: Target,
+    budget_ms: float,
+    *,
+    batch: int = 1,
+    threads: int = 1,
+    image_size: int = 32,
+    num_classes: int = 10,
+    rounds: int = 3,
+    runs: int = 20,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Time `family` on this CPU (`measure`) and mark those within `budget_ms`: the record that `kdq plan`,
+    `kdq sweep` and `bench.plan` write, its settings assembled in one place."""
+    settings = dict(batch=batch, threads=threads, image_size=image_size, num_classes=num_classes, rounds=rounds,
+                    runs=runs)  # fmt: skip
+    rows = measure(family, target, progress=progress, **settings)
     return {
         "target": target.name,
         "budget_ms": budget_ms,
-        "batch": batch,
-        "threads": threads,
         **settings,
         "flow": target.flow,
         "backend": target.backend,

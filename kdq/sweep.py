@@ -79,11 +79,9 @@ def prepare(
     folder = Path(run_dir) / SWEEP_DIR
     check_writable(folder)
     classes = len(load_test_split(preset.dataset, opts.data_dir, opts.download, preset.image_size).classes)
-    settings = dict(batch=batch, threads=threads, image_size=preset.image_size, num_classes=classes, rounds=rounds,
-                    runs=runs)  # fmt: skip
-    rows = plan.measure(family, t, progress=lambda what: print(f"[sweep] plan: {what}", file=sys.stderr), **settings)
-    result = plan.report(rows, t, budget_ms, batch, threads, image_size=preset.image_size, num_classes=classes,
-                         rounds=rounds, runs=runs)  # fmt: skip
+    result = plan.run_plan(family, t, budget_ms, batch=batch, threads=threads, image_size=preset.image_size,
+                           num_classes=classes, rounds=rounds, runs=runs,
+                           progress=lambda what: print(f"[sweep] plan: {what}", file=sys.stderr))  # fmt: skip
     save_json(result, folder / PLAN_JSON)
     click.echo(plan.format_table(result))
     within = [r["name"] for r in result["candidates"] if r["within_budget"]]

@@ -325,7 +325,11 @@ def test_certificate_covers_both_paths_and_says_where(smoke_run):
     manifest = json.loads((smoke_run / "export-x86" / "manifest.json").read_text())
     assert manifest["certificate"]["passed"] and manifest["certificate"]["measured_on"] == where
     assert manifest["certificate"]["path_runs"] == parity["path_runs"]
-    assert "Measured on" in (smoke_run / "export-x86" / "parity.md").read_text()
+    md = (smoke_run / "export-x86" / "parity.md").read_text()
+    assert "Measured on" in md
+    assert set(parity["path_seconds"]) == {"avx2", "exact"}  # each extra path is timed: an emulated one takes minutes
+    for path, seconds in parity["path_seconds"].items():
+        assert seconds > 0 and f"- int8 path `{path}`: {parity['paths'][path]} ({seconds:.0f} s)" in md
 
 
 def test_a_broken_int8_model_is_rejected_by_the_accuracy_gate_though_runtimes_agree(schemes, tmp_path):

@@ -76,6 +76,21 @@ def test_smoke_pipeline_and_evaluate(smoke_run, tmp_path):
     assert "student" in result.output and "mobilenet_v2" in result.output
 
 
+def test_the_pipeline_says_where_its_minutes_went(smoke_run):
+    """RUN/timings.json: every step of the run, the total, and how much of the export its extra int8 paths took
+    (the emulated AVX2 run is most of a demo's certificate on a VNNI CPU), as the certificate itself recorded."""
+    from kdq.pipeline import STAGES, TIMINGS_JSON
+
+    timings = json.loads((smoke_run / TIMINGS_JSON).read_text())
+    assert list(timings["seconds"]) == [*STAGES, "evaluate", "export", "report"]
+    assert all(s > 0 for s in timings["seconds"].values())
+    assert timings["total_seconds"] >= sum(timings["seconds"].values())
+    parity = json.loads((smoke_run / "export-x86" / "parity.json").read_text())
+    assert timings["export_int8_path_seconds"] == parity["path_seconds"]
+    assert sum(parity["path_seconds"].values()) < timings["seconds"]["export"]
+    assert timings["where"].startswith(parity["where"]["cpu_model"])
+
+
 def test_every_training_stage_of_the_pipeline_logs_to_tensorboard(smoke_run):
     from .test_train import read_scalars
 

@@ -70,15 +70,16 @@ def test_student_layouts_hold_their_names_at_every_size(arch, legacy, final_maps
 
 
 def test_the_demo_student_is_smaller_than_its_teacher_in_parameters_and_work():
-    """README's figures for `make demo`'s pair: a ResNet-14 student with 0.18 M parameters and 27 M multiply-adds,
-    2.7x and 2.6x fewer than its ResNet-32 teacher's 0.47 M and 69 M."""
+    """README's figures for `make demo`'s pair: a ResNet-8 student with 0.08 M parameters and 12.5 M multiply-adds,
+    3.5x and 3.3x fewer than its ResNet-20 teacher's 0.27 M and 41 M."""
     from kdq.models import model_macs
     from kdq.presets import get_preset
 
     demo = get_preset("demo")
-    assert (demo.teacher, demo.student) == ("resnet32", "resnet14")
+    assert (demo.teacher, demo.student) == ("resnet20", "resnet8")
     teacher, student = build_model(demo.teacher, 10).eval(), build_model(demo.student, 10).eval()
     t_macs, s_macs = (model_macs(m)["macs_per_image"] / 1e6 for m in (teacher, student))
     t_params, s_params = (count_parameters(m) / 1e6 for m in (teacher, student))
-    assert round(t_macs) == 69 and round(s_macs) == 27 and round(t_params, 2) == 0.47 and round(s_params, 2) == 0.18
-    assert round(t_macs / s_macs, 1) == 2.6 and round(t_params / s_params, 1) == 2.7
+    assert round(t_macs) == 41 and round(s_macs, 1) == 12.5
+    assert round(t_params, 2) == 0.27 and round(s_params, 2) == 0.08
+    assert round(t_macs / s_macs, 1) == 3.3 and round(t_params / s_params, 1) == 3.5
