@@ -84,7 +84,8 @@ def test_the_pipeline_says_where_its_minutes_went(smoke_run):
     timings = json.loads((smoke_run / TIMINGS_JSON).read_text())
     assert list(timings["seconds"]) == [*STAGES, "evaluate", "export", "report"]
     assert all(s > 0 for s in timings["seconds"].values())
-    assert timings["total_seconds"] >= sum(timings["seconds"].values())
+    steps = timings["seconds"].values()
+    assert timings["total_seconds"] + 0.05 * len(steps) >= sum(steps)  # every step inside the total (0.1 s rounding)
     parity = json.loads((smoke_run / "export-x86" / "parity.json").read_text())
     assert timings["export_int8_path_seconds"] == parity["path_seconds"]
     assert sum(parity["path_seconds"].values()) < timings["seconds"]["export"]

@@ -44,7 +44,7 @@ def test_make_bench_accuracy_writes_its_tables(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((ROOT / "bench" / "results" / "accuracy-smoke-latest.json").read_text())
     models = result["models"]
-    for name, seeds in (("baseline", 3), ("kd_offline", 3), ("kd_online", 2), ("dist_offline", 2), ("dist_paper", 2)):
+    for name, seeds in (("baseline", 3), ("kd_offline", 3), ("kd_online", 2), ("dist_offline", 3), ("dist_paper", 2)):
         assert len(models[name]["top1"]) == seeds, name
     for name in ("kd_offline_qat", "kd_offline_ptq", "baseline_ptq", "baseline_hires_ptq"):
         assert set(models[name]["ort_int8_ms"]) == {"b1", "b64"} and 0 < models[name]["ort_int8_top1"] <= 1
@@ -55,6 +55,7 @@ def test_make_bench_accuracy_writes_its_tables(tmp_path):
     cells = [cell for rows in rendered.values() for row in rows for cell in row]
     assert any("(n=3): " in cell for cell in cells) and any("(n=2): " in cell for cell in cells)  # paired by seed
     assert "Paired by seed" in r.stdout
+    assert f"for the whole benchmark on {os.cpu_count()} cores" in r.stdout  # the summary reads its environment
 
 
 def test_make_bench_sweep_writes_its_table(smoke_sweep, tmp_path):
