@@ -116,6 +116,7 @@ SOURCES: dict[str, tuple[str, Callable[[dict], list[str | Table]]]] = {
     "demo": ("results/demo/evaluation_results.json", demo_tables),
     "demo-certificate": ("results/demo/parity.json", certificate_tables),
     "fashion-mnist": ("results/accuracy-fashion-mnist.json", accuracy.readme_parts),
+    "accuracy-demo": ("results/accuracy-demo.json", accuracy.readme_parts),
     "int8-paths": ("results/int8_paths.json", int8_paths.tables),
     "bench": ("results/bench.json", bench_parts),
     "flows": ("results/flows-demo.json", flows.tables),

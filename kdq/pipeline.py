@@ -126,7 +126,8 @@ class StepClock:
     by --resume takes about none)."""
 
     def __init__(self) -> None:
-        self.start, self.seconds = time.perf_counter(), {}
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, step: str) -> Iterator[None]:
