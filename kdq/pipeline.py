@@ -116,7 +116,7 @@ def run_pipeline(
     with clock("report"):
         md, page = write_report(run_dir)
     click.echo(f"report -> {md} (self-contained: {page})")
-    clock.save(run_dir / TIMINGS_JSON, report.get("path_seconds", {}))
+    clock.record(run_dir / TIMINGS_JSON, report.get("path_seconds", {}))
     print(f"[pipeline] {preset.name} done in {clock.total():.0f}s ({clock.summary()}) -> {run_dir}", file=sys.stderr)
     return results
 
@@ -143,7 +143,7 @@ class StepClock:
     def summary(self) -> str:
         return ", ".join(f"{step} {s:.0f}s" for step, s in self.seconds.items())
 
-    def save(self, path: Path, certificate_paths: dict[str, float]) -> None:
+    def record(self, path: Path, certificate_paths: dict[str, float]) -> None:
         """RUN/timings.json: each step, the total, the extra int8 paths inside the export (an emulated one is most
         of it on a VNNI CPU), and the CPU."""
         save_json({"seconds": self.seconds, "total_seconds": round(self.total(), 1),

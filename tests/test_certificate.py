@@ -329,7 +329,11 @@ def test_certificate_covers_both_paths_and_says_where(smoke_run):
     assert "Measured on" in md
     assert set(parity["path_seconds"]) == {"avx2", "exact"}  # each extra path is timed: an emulated one takes minutes
     for path, seconds in parity["path_seconds"].items():
-        assert seconds > 0 and f"- int8 path `{path}`: {parity['paths'][path]} ({seconds:.0f} s)" in md
+        assert f"- int8 path `{path}`: {parity['paths'][path]} ({seconds:.0f} s)" in md
+        # a forced or emulated AVX2 run is a child process (seconds); where AVX2 is this CPU's own path, the
+        # native run is reused and takes about none
+        in_child = any(key.endswith("@avx2") for key in parity["path_runs"][path].values())
+        assert seconds >= 1 if in_child else seconds >= 0
 
 
 def test_a_broken_int8_model_is_rejected_by_the_accuracy_gate_though_runtimes_agree(schemes, tmp_path):
